@@ -116,7 +116,7 @@ class SafetyAdapter:
         """What this category adds at this layer at weight 1: coefficient * vector."""
         if category not in self.metadata.categories:
             raise UnknownCategory(category, self.categories)
-        vector = self.vectors[category].get(layer)
+        vector = self.vectors.get(category, {}).get(layer)
         if vector is None:
             return torch.zeros(self.metadata.hidden_size)
         return self.coefficients[category][layer] * vector
@@ -148,7 +148,10 @@ class SafetyAdapter:
             mine, theirs = getattr(self.metadata, attr), getattr(other.metadata, attr)
             if mine != theirs:
                 raise AdapterMismatch(attr, mine, theirs)
-        categories = {**other.metadata.categories, **self.metadata.categories}
+        categories = {**self.metadata.categories}
+        categories.update(
+            (c, s) for c, s in other.metadata.categories.items() if c not in categories
+        )
         vectors: dict[str, dict[int, torch.Tensor]] = {}
         for category in categories:
             layers = set(self.vectors.get(category, {})) | set(other.vectors.get(category, {}))
@@ -159,7 +162,8 @@ class SafetyAdapter:
             }
         coefficients = {c: dict.fromkeys(per, 1.0) for c, per in vectors.items()}
         metadata = replace(self.metadata, categories=categories)
-        return SafetyAdapter(metadata, vectors, coefficients, {**other.conditions, **self.conditions})
+        conditions = {**other.conditions, **self.conditions}
+        return SafetyAdapter(metadata, vectors, coefficients, conditions)
 
     def __sub__(self, other: SafetyAdapter) -> SafetyAdapter:
         return self + (-other)
@@ -281,7 +285,9 @@ class SafetyAdapter:
             }
             recorded_sha = str(header["payload_sha256"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise AdapterFormatError(f"{display}: adapter metadata is incomplete ({exc!r})") from exc
+            raise AdapterFormatError(
+                f"{display}: adapter metadata is incomplete ({exc!r})"
+            ) from exc
         actual_sha = _payload_sha256(tensors)
         if actual_sha != recorded_sha:
             raise AdapterIntegrityError(
@@ -314,7 +320,7 @@ def _payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -326,9 +332,11 @@ def _check_structure(
 ) -> None:
     if meta.hidden_size <= 0 or meta.num_layers <= 0:
         raise AdapterFormatError("hidden_size and num_layers must be positive")
-    for category in meta.categories:
+    for category, spec in meta.categories.items():
         if not _CATEGORY_NAME.match(category):
             raise AdapterFormatError(f"category name {category!r} must match [a-z0-9_]+")
+        if not math.isfinite(spec.default_weight):
+            raise AdapterFormatError(f"default weight of {category!r} is not finite")
     for category, per_layer in vectors.items():
         if category not in meta.categories:
             raise AdapterFormatError(f"vectors for category {category!r} not in metadata")
@@ -353,3 +361,5 @@ def _check_structure(
             raise AdapterFormatError(f"condition for category {category!r} not in metadata")
         if probe.ndim != 1 or not torch.isfinite(probe).all():
             raise AdapterFormatError(f"condition.{category} must be a finite 1-d tensor")
+    if not any(vectors.values()):
+        raise AdapterFormatError("the adapter has no vectors")

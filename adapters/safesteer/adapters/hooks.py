@@ -23,6 +23,9 @@ class SteeringHooks:
 
     def __init__(self, model: nn.Module, num_layers: int, layers: Sequence[int]) -> None:
         modules = decoder_layers(model, num_layers)
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if config is not None else None
+        self.hidden_size: int | None = getattr(text_config, "hidden_size", None)
         self.layers: tuple[int, ...] = tuple(layers)
         self._table: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = [
@@ -48,9 +51,13 @@ class SteeringHooks:
     @contextmanager
     def steering(self, table: torch.Tensor | None) -> Iterator[None]:
         """Apply `table` (`[rows, len(layers), hidden]`, or None for no steering) inside."""
-        if table is not None and (table.ndim != 3 or table.shape[1] != len(self.layers)):
+        if table is not None and (
+            table.ndim != 3
+            or table.shape[1] != len(self.layers)
+            or (self.hidden_size is not None and table.shape[2] != self.hidden_size)
+        ):
             raise ValueError(
-                f"steering table must be [rows, {len(self.layers)}, hidden], got "
+                f"steering table must be [rows, {len(self.layers)}, {self.hidden_size}], got "
                 f"{tuple(table.shape)}"
             )
         previous, self._table = self._table, table

@@ -157,7 +157,10 @@ def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
             load_folder, load_gguf = cached, None
         else:
             log.info("dequantizing %s once; caching it in %s", gguf_file, cached)
-            model, tokenizer = _from_folder(folder, gguf_file)
+            try:
+                model, tokenizer = _from_folder(folder, gguf_file)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
             cached.parent.mkdir(parents=True, exist_ok=True)
             _cache_gguf(model, tokenizer, cached)
             return _finish(name, spec, model, tokenizer)

@@ -61,8 +61,8 @@ class SteeringBasis:
 
     def table(self, row_weights: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The `[rows, layers, hidden]` steering table for rows of category weights."""
-        weights = row_weights if isinstance(row_weights, torch.Tensor) else torch.stack(
-            list(row_weights)
+        weights = (
+            row_weights if isinstance(row_weights, torch.Tensor) else torch.stack(list(row_weights))
         )
         weights = weights.to(device=self.basis.device, dtype=self.basis.dtype)
         flat = self.basis.reshape(len(self.categories), -1)

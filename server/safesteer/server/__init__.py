@@ -1,0 +1,1 @@
+"""The safesteer OpenAI-compatible server."""

@@ -1,0 +1,59 @@
+"""Server settings: environment variables with the SAFESTEER_ prefix, or `safesteer serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from safesteer.adapters.loading import DEFAULT_MODEL, default_cache_dir
+
+
+def builtin_adapter_dir() -> Path:
+    """The repository's `adapters/` folder, where the built-in adapters of each family live."""
+    import safesteer.adapters
+
+    return Path(safesteer.adapters.__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    """Everything `safesteer serve` can be told. Each field is also a CLI flag."""
+
+    model_config = SettingsConfigDict(env_prefix="SAFESTEER_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Model to serve: a packaged name, a Hugging Face folder or a .gguf file.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the `model` field (default: derived from --model)."
+    )
+    adapter: Path | None = Field(
+        None,
+        description="Safety adapter file (default: the built-in adapter of the model's family "
+        "from --adapter-dir).",
+    )
+    adapter_dir: Path = Field(
+        default_factory=builtin_adapter_dir,
+        description="Folder searched for the family's built-in adapter (<dir>/*/*.safetensors).",
+    )
+    no_adapter: bool = Field(False, description="Serve without any safety adapter.")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Cache folder for dequantized GGUF models (safetensors, keyed by sha256).",
+    )
+    max_batch_size: int = Field(16, ge=1, le=512, description="Most rows decoded together.")
+    max_queue: int = Field(
+        256, ge=1, description="Most requests waiting for a batch slot; beyond it answer 429."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, description="Completion length when a request sets no max_tokens."
+    )
+    max_n: int = Field(8, ge=1, le=64, description="Largest `n` (choices per request).")
+    threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads for model compute (default: torch's)."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
