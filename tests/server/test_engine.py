@@ -151,3 +151,19 @@ def test_full_queue_is_refused(loaded: LoadedModel) -> None:
             engine.submit([RowSpec([1, 2], GREEDY, None)], loop)
 
     asyncio.run(scenario())
+
+
+def test_token_budget_holds_back_requests_that_do_not_fit(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded, None, max_tokens_in_flight=40)
+    ids = chat_ids(loaded.tokenizer, "hi")  # ~20 tokens + 12 completion: one row fits, not two
+    specs = [RowSpec(ids, GREEDY, None) for _ in range(3)]
+    peak = 0
+
+    def record_batch(_module: Any, args: Any, kwargs: Any) -> None:
+        nonlocal peak
+        peak = max(peak, int(kwargs["input_ids"].shape[0]))
+
+    loaded.model.register_forward_pre_hook(record_batch, with_kwargs=True)
+    texts = run_requests(engine, specs, [0.0, 0.0, 0.0])
+    assert peak == 1
+    assert len(set(texts)) == 1

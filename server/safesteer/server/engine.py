@@ -94,6 +94,11 @@ class RequestHandle:
             yield event
 
 
+def _budget(spec: RowSpec) -> int:
+    """Tokens a row may hold in the KV cache: its prompt and its longest completion."""
+    return len(spec.prompt_ids) + spec.params.max_tokens
+
+
 @dataclass
 class _Row:
     handle: RequestHandle
@@ -102,6 +107,7 @@ class _Row:
     sampler: RowSampler
     text: TextStream
     steering: torch.Tensor | None
+    budget: int
     completion_tokens: int = 0
     finished: bool = False
 
@@ -150,6 +156,7 @@ class Engine:
         *,
         hidden_size: int,
         max_batch_size: int = 16,
+        max_tokens_in_flight: int = 65536,
         max_queue: int = 256,
         threads: int | None = None,
     ) -> None:
@@ -159,6 +166,7 @@ class Engine:
         self._hidden_size = hidden_size
         self._hook_layers = len(hooks.layers) if hooks else 0
         self.max_batch_size = max_batch_size
+        self.max_tokens_in_flight = max_tokens_in_flight
         self.max_queue = max_queue
         self._threads = threads
         self._eos = self._eos_ids(model, tokenizer)
@@ -237,17 +245,22 @@ class Engine:
         """Pop waiting requests that fit into free rows (called with the lock held)."""
         if self._batch is not None and not _joinable(self._batch.cache):
             return []
-        free = self.max_batch_size - (len(self._batch) if self._batch else 0)
+        running = self._batch.rows if self._batch else []
+        free_rows = self.max_batch_size - len(running)
+        free_tokens = self.max_tokens_in_flight - sum(r.budget for r in running)
         taken: list[RequestHandle] = []
-        while self._waiting and free > 0:
+        while self._waiting:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
                 continue
-            if len(head.rows) > free and (taken or self._batch):
+            budget = sum(_budget(spec) for spec in head.rows)
+            fits = len(head.rows) <= free_rows and budget <= free_tokens
+            if not fits and (taken or running):  # an oversized request still runs alone
                 break
             taken.append(self._waiting.popleft())
-            free -= len(head.rows)
+            free_rows -= len(head.rows)
+            free_tokens -= budget
         return taken
 
     def _fail_all(self, admitted: list[RequestHandle], exc: Exception) -> None:
@@ -299,6 +312,7 @@ class Engine:
                         RowSampler(spec.params),
                         TextStream(self._tokenizer, spec.params.stop),
                         spec.steering,
+                        _budget(spec),
                     )
                 )
                 specs.append(spec)

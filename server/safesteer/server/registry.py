@@ -59,6 +59,7 @@ class ServedModel:
             self.hooks,
             hidden_size=loaded.family.hidden_size,
             max_batch_size=settings.max_batch_size,
+            max_tokens_in_flight=settings.max_tokens_in_flight,
             max_queue=settings.max_queue,
             threads=settings.threads,
         )

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         description="Cache folder for dequantized GGUF models (safetensors, keyed by sha256).",
     )
     max_batch_size: int = Field(16, ge=1, le=512, description="Most rows decoded together.")
+    max_tokens_in_flight: int = Field(
+        65536,
+        ge=1,
+        description="Most prompt + completion tokens of the rows decoding together (bounds "
+        "KV-cache memory); a request that does not fit waits.",
+    )
     max_queue: int = Field(
         256, ge=1, description="Most requests waiting for a batch slot; beyond it answer 429."
     )
