@@ -239,3 +239,26 @@ def test_server_without_adapter_serves_unsteered(make_app: AppFactory) -> None:
 
 def test_health(http: TestClient) -> None:
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_ignore_eos_and_min_tokens_hold_off_end_of_sequence(
+    client: openai.OpenAI, loaded: LoadedModel
+) -> None:
+    eos = loaded.tokenizer.eos_token_id
+
+    def eos_always_wins(_module: Any, _args: Any, logits: torch.Tensor) -> torch.Tensor:
+        logits[..., eos] += 1000.0
+        return logits
+
+    loaded.model.lm_head.register_forward_hook(eos_always_wins)
+    assert chat(client, max_tokens=40).usage.completion_tokens == 1
+    forced = client.chat.completions.create(
+        model=TINY_MODEL_NAME, messages=USER, max_tokens=40, extra_body={"ignore_eos": True}
+    )
+    assert forced.usage is not None and forced.usage.completion_tokens == 40
+    assert forced.choices[0].finish_reason == "length"
+    at_least = client.chat.completions.create(
+        model=TINY_MODEL_NAME, messages=USER, max_tokens=40, extra_body={"min_tokens": 25}
+    )
+    assert at_least.usage is not None and at_least.usage.completion_tokens == 26
+    assert at_least.choices[0].finish_reason == "stop"

@@ -385,6 +385,10 @@ class Engine:
         self._drop_finished()
 
     def _choose_tokens(self, batch: _Batch, logits: torch.Tensor) -> None:
+        early = [i for i, r in enumerate(batch.rows) if r.completion_tokens < r.params.min_tokens]
+        if early and self._eos:
+            rows = torch.tensor(early)[:, None]
+            logits[rows, torch.tensor(sorted(self._eos))[None, :]] = float("-inf")
         greedy = logits.argmax(dim=-1)
         for i, row in enumerate(batch.rows):
             if row.finished or row.handle.cancelled:

@@ -81,11 +81,20 @@ class SamplingFields(OpenAIModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
 
-    # --- safesteer extension -------------------------------------------------------------
+    # --- extensions (not in the OpenAI API) -----------------------------------------------
+    ignore_eos: bool = Field(
+        False, description="vLLM extension: never stop at end-of-sequence (benchmarks)."
+    )
+    min_tokens: int = Field(
+        0, ge=0, description="vLLM extension: no end-of-sequence before this many tokens."
+    )
     safety: SafetyOptions = Field(
         default_factory=SafetyOptions,
         description="safesteer: safety steering for this request (mode, category weights).",
     )
+
+    def min_completion_tokens(self, max_tokens: int) -> int:
+        return max_tokens if self.ignore_eos else min(self.min_tokens, max_tokens)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -17,6 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    min_tokens: int = 0  # end-of-sequence is suppressed before this many tokens
 
     @property
     def greedy(self) -> bool:

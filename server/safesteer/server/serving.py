@@ -127,6 +127,7 @@ class OpenAIServing:
                     top_p=request.top_p,
                     seed=seed,
                     stop=stops,
+                    min_tokens=request.min_completion_tokens(max_tokens),
                 )
                 rows.append(RowSpec(list(prompt), params, steering))
         return PreparedRequest(served, rows, sum(map(len, prompts)) * request.n, report)
