@@ -14,7 +14,7 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.table import SteeringBasis
-from safesteer.server.engine import Engine, QueueFull, RowSpec
+from safesteer.server.engine import Engine, EngineFailed, QueueFull, RowSpec
 from safesteer.server.sampling import SamplingParams
 
 PROMPTS = ["hello there", "a much longer prompt about the weather today", "x", "tell me a story"]
@@ -123,10 +123,11 @@ def test_cancelled_request_leaves_the_batch_within_a_step(loaded: LoadedModel) -
     try:
 
         async def scenario() -> None:
-            long = SamplingParams(max_tokens=200, temperature=0.0)
+            long = SamplingParams(max_tokens=200, temperature=0.0, min_tokens=200)
             handle = engine.submit([RowSpec([1, 2, 3], long, None)], asyncio.get_running_loop())
             await handle.events.get()  # decoding has started
-            assert engine.active_rows == 1
+            while engine.active_rows == 0:  # the first token goes out just before the join
+                await asyncio.sleep(0.001)
             handle.cancel()
             cancelled_at = forwards
             deadline = time.monotonic() + 5
@@ -167,3 +168,34 @@ def test_token_budget_holds_back_requests_that_do_not_fit(loaded: LoadedModel) -
     texts = run_requests(engine, specs, [0.0, 0.0, 0.0])
     assert peak == 1
     assert len(set(texts)) == 1
+
+
+def test_a_failing_request_does_not_disturb_the_running_batch(
+    loaded: LoadedModel, strong_adapter: SafetyAdapter
+) -> None:
+    ids = chat_ids(loaded.tokenizer, "hello there")
+    good = RowSpec(ids, SamplingParams(max_tokens=30, temperature=0.0), None)
+    broken = RowSpec(ids, GREEDY, torch.ones(5, 5))  # steering of the wrong shape
+    solo = run_requests(make_engine(loaded, strong_adapter), [good], [0.0])[0]
+    engine = make_engine(loaded, strong_adapter)
+    engine.start()
+    try:
+
+        async def scenario() -> tuple[str, BaseException | None]:
+            loop = asyncio.get_running_loop()
+            first = engine.submit([good], loop)
+            await first.events.get()  # the good row is decoding
+            second = engine.submit([broken], loop)
+            error: BaseException | None = None
+            try:
+                [event async for event in second.stream()]
+            except EngineFailed as exc:
+                error = exc
+            rest = "".join([event.text async for event in first.stream()])
+            return rest, error
+
+        rest, error = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert isinstance(error, EngineFailed)
+    assert solo.endswith(rest) and len(rest) > 0

@@ -25,6 +25,7 @@ from safesteer.server.settings import Settings
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -38,11 +39,18 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     if not errors:
         return InvalidRequest("invalid request")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Drop "body" and the union-branch tags pydantic puts into locations ("str", "list[int]").
+    loc = [
+        str(part)
+        for part in first.get("loc", ())
+        if part != "body" and not (isinstance(part, str) and (part in _TYPE_TAGS or "[" in part))
+    ]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
         return InvalidRequest("the request body is not valid JSON", code="invalid_json")
+    if not param and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        return InvalidRequest("the request body must be a JSON object", code="invalid_body")
     if first.get("type") == "missing" and param:
         return InvalidRequest(f"'{param}' is required", param=param)
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)

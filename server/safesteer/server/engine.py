@@ -127,6 +127,9 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def rows_handles(self) -> list[RequestHandle]:
+        return [row.handle for row in self.rows]
+
 
 def _joinable(cache: DynamicCache) -> bool:
     """Only full-attention dynamic caches can be padded and stacked."""
@@ -231,15 +234,17 @@ class Engine:
                     if self._stopping:
                         break
                     admitted = self._take_admissible()
-                try:
-                    if admitted:
-                        self._admit(admitted)
-                    if self._batch:
+                if admitted:
+                    self._admit(admitted)
+                if self._batch:
+                    try:
                         self._decode_step()
-                except Exception as exc:  # a failed step fails its rows, never the engine
-                    log.exception("engine step failed")
-                    self._fail_all(admitted, exc)
-        self._fail_all(list(self._waiting), RuntimeError("server is shutting down"))
+                    except Exception:  # a failed step fails its rows, never the engine
+                        log.exception("decode step failed")
+                        self._fail(self._batch.rows_handles())
+                        self._batch = None
+        handles = list(self._waiting) + (self._batch.rows_handles() if self._batch else [])
+        self._fail(handles, "the server is shutting down")
 
     def _take_admissible(self) -> list[RequestHandle]:
         """Pop waiting requests that fit into free rows (called with the lock held)."""
@@ -263,13 +268,12 @@ class Engine:
             free_tokens -= budget
         return taken
 
-    def _fail_all(self, admitted: list[RequestHandle], exc: Exception) -> None:
-        handles = {id(h): h for h in admitted}
-        if self._batch:
-            handles.update((id(r.handle), r.handle) for r in self._batch.rows)
-        self._batch = None
-        for handle in handles.values():
-            handle.emit(EngineFailed("generation failed; see the server log"))
+    @staticmethod
+    def _fail(
+        handles: list[RequestHandle], why: str = "generation failed; see the server log"
+    ) -> None:
+        for handle in {id(h): h for h in handles}.values():
+            handle.emit(EngineFailed(why))
             handle.cancel()
 
     def _steering(self, table: torch.Tensor, steered: list[bool]) -> AbstractContextManager[None]:
@@ -299,7 +303,23 @@ class Engine:
         return logits
 
     def _admit(self, handles: list[RequestHandle]) -> None:
-        """Prefill the new rows together, choose their first tokens, join them to the batch."""
+        """Prefill new requests and join them to the batch; a failure fails only them."""
+        try:
+            new = self._prefill(handles)
+        except Exception:
+            log.exception("prefill failed")
+            self._fail(handles)
+            return
+        try:
+            self._batch = new if self._batch is None else self._merge(self._batch, new)
+            self._drop_finished()
+        except Exception:  # the running batch may be half-merged: fail all of it
+            log.exception("joining the batch failed")
+            self._fail(handles + (self._batch.rows_handles() if self._batch else []))
+            self._batch = None
+
+    def _prefill(self, handles: list[RequestHandle]) -> _Batch:
+        """Prefill the new rows together and choose their first tokens."""
         rows: list[_Row] = []
         specs: list[RowSpec] = []
         for handle in handles:
@@ -337,8 +357,7 @@ class Engine:
             steered=steered,
         )
         self._choose_tokens(new, logits)
-        self._batch = new if self._batch is None else self._merge(self._batch, new)
-        self._drop_finished()
+        return new
 
     def _table_for(self, rows: list[_Row]) -> torch.Tensor:
         table = torch.zeros((len(rows), self._hook_layers, self._hidden_size))

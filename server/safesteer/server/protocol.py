@@ -73,7 +73,7 @@ class SamplingFields(OpenAIModel):
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
