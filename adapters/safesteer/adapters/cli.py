@@ -9,10 +9,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from safesteer.adapters.adapter import SafetyAdapter
-from safesteer.adapters.errors import AdapterError
+from safesteer.adapters.categories import CATEGORIES
+from safesteer.adapters.errors import AdapterError, ModelLoadError
+from safesteer.adapters.extract import (
+    METHODS,
+    CategoryDirections,
+    ExtractionConfig,
+    ProbeReport,
+    build_adapter,
+    extract_directions,
+    is_refusal,
+    mix_norm_ratio,
+    probe_adapter,
+)
+from safesteer.adapters.loading import DEFAULT_MODEL, LoadedModel, load_model
+from safesteer.adapters.prompts import load_probe_prompts
+
+# The built-in adapter's setting (adapters/smollm2-135m/README.md has the probe behind it).
+DEFAULT_LAYERS: tuple[int, ...] = (12, 15, 18)
+DEFAULT_SCALE = 0.08
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -46,12 +66,262 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _categories(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return tuple(CATEGORIES)
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in CATEGORIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown categories {unknown}; known: {', '.join(CATEGORIES)}"
+        )
+    return names
+
+
+def _probe_setting(text: str) -> tuple[tuple[int, ...], float]:
+    layers, sep, scale = text.partition("@")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected LAYERS@SCALE like 12,15,18@0.1, got {text!r}")
+    try:
+        return _int_list(layers), float(scale)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad scale in {text!r}") from exc
+
+
+def _extraction_config(args: argparse.Namespace) -> ExtractionConfig:
+    return ExtractionConfig(
+        layers=args.layers,
+        scale=args.scale,
+        seed=args.seed,
+        method=args.method,
+        categories=args.categories,
+        max_prompts_per_category=args.max_prompts_per_category or None,
+        max_response_tokens=args.max_response_tokens,
+        compliance_tokens=args.compliance_tokens,
+        batch_size=args.batch_size,
+        name=args.name,
+        show_progress=not args.quiet,
+    )
+
+
+def _print_probe(report: ProbeReport, show_answers: bool) -> None:
+    print(report.summary())
+    if show_answers:
+        for kind, answers in (
+            ("harmful", report.harmful_answers),
+            ("benign", report.benign_answers),
+        ):
+            for answer in answers:
+                refused = "REFUSED" if is_refusal(answer) else "answered"
+                print(f"    [{kind} {refused}] {' '.join(answer.split())[:160]}")
+
+
+def _run_probe(
+    loaded: LoadedModel,
+    directions: CategoryDirections,
+    config: ExtractionConfig,
+    settings: list[tuple[tuple[int, ...], float]],
+    args: argparse.Namespace,
+) -> None:
+    probe = load_probe_prompts()
+    options: dict[str, Any] = {
+        "max_new_tokens": args.probe_tokens,
+        "show_progress": not args.quiet,
+    }
+    print(
+        f"probe: {len(probe.harmful)} harmful + {len(probe.benign)} benign project prompts, "
+        f"greedy, {args.probe_tokens} new tokens, default mix (all categories at weight 1), "
+        "keyword judge"
+    )
+    _print_probe(
+        probe_adapter(loaded, None, probe, label="no steering", **options), args.show_answers
+    )
+    for layers, scale in settings:
+        adapter = build_adapter(loaded, directions, config, layers=layers, scale=scale)
+        label = f"layers {','.join(map(str, sorted(layers)))} @ {scale:g}"
+        _print_probe(
+            probe_adapter(loaded, adapter, probe, label=label, **options), args.show_answers
+        )
+
+
+def _extract(args: argparse.Namespace) -> int:
+    if args.out is None and not args.probe:
+        print("error: give --out FILE, --probe, or both", file=sys.stderr)
+        return 2
+    try:
+        config = _extraction_config(args)
+        settings = [(config.layers, config.scale), *args.probe_grid]
+        loaded = load_model(args.model)
+        started = time.perf_counter()
+        through = max(layer for layers, _ in settings for layer in layers)
+        directions = extract_directions(loaded, config, through_layer=through)
+        adapter = build_adapter(loaded, directions, config)
+        seconds = time.perf_counter() - started
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = {
+        c: len([p for p in directions.pairs if p.prompt.category == c]) for c in config.categories
+    }
+    print(f"extracted {adapter.id} in {seconds:.0f} s from {len(directions.pairs)} prompts")
+    print("prompts per category: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    for layer in adapter.layers:
+        typical = float(directions.typical_norms[layer])
+        agreement = mix_norm_ratio(directions, layer)
+        print(
+            f"layer {layer}: typical norm {typical:.1f}, default mix adds "
+            f"{config.scale * typical:.1f}, |sum of category unit vectors| "
+            f"{agreement:.2f} of {len(config.categories)}"
+        )
+    if args.out is not None:
+        path = adapter.save(args.out)
+        print(f"wrote {path}")
+    if args.probe:
+        _run_probe(loaded, directions, config, settings, args)
+    return 0
+
+
 def add_toolkit_commands(commands: Any) -> None:
     """Register the toolkit's subcommands on an argparse subparsers object."""
     inspect = commands.add_parser(
-        "inspect", help="print an adapter's metadata and per-category norms",
+        "inspect",
+        help="print an adapter's metadata and per-category norms",
         description="Print an adapter file's metadata, layers and per-category vector norms.",
     )
     inspect.add_argument("file", help="adapter .safetensors file")
     inspect.add_argument("--json", action="store_true", help="print the full header as JSON")
     inspect.set_defaults(func=_inspect)
+    _add_extract_command(commands)
+
+
+def _add_extract_command(commands: Any) -> None:
+    extract = commands.add_parser(
+        "extract",
+        help="extract a safety adapter from a model and the vendored prompt sets",
+        description=(
+            "Extract per-category steering vectors from a model and write a safety adapter. "
+            "Method 'contrastive': for each harm category, the mean over its harmful prompts of "
+            "(decoder-layer output averaged over a teacher-forced refusal) minus (the same over "
+            "a teacher-forced compliance). Coefficients make the default mix (every category at "
+            "weight 1) add SCALE x the typical residual norm at each chosen layer."
+        ),
+    )
+    extract.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"packaged model name, Hugging Face folder or .gguf file (default {DEFAULT_MODEL})",
+    )
+    extract.add_argument(
+        "--out", default=None, help="adapter file to write (.safetensors); optional with --probe"
+    )
+    extract.add_argument(
+        "--method",
+        choices=METHODS,
+        default="contrastive",
+        help="extraction method (default contrastive; the only one so far)",
+    )
+    extract.add_argument(
+        "--layers",
+        type=_int_list,
+        default=DEFAULT_LAYERS,
+        help="comma-separated decoder layers (0-based) to steer "
+        f"(default {','.join(map(str, DEFAULT_LAYERS))})",
+    )
+    extract.add_argument(
+        "--scale",
+        type=float,
+        default=DEFAULT_SCALE,
+        help="norm the default mix adds at each layer, as a fraction of the typical residual "
+        f"norm there (default {DEFAULT_SCALE})",
+    )
+    extract.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for prompt selection and refusal templates (default 0)",
+    )
+    extract.add_argument(
+        "--categories",
+        type=_categories,
+        default=tuple(CATEGORIES),
+        help="comma-separated harm categories, or 'all' (default all ten)",
+    )
+    extract.add_argument(
+        "--max-prompts-per-category",
+        type=int,
+        default=24,
+        help="cap on harmful prompts per category, those with reference answers first; "
+        "0 for no cap (default 24)",
+    )
+    extract.add_argument(
+        "--max-response-tokens",
+        type=int,
+        default=32,
+        help="teacher-forced tokens of each refusal and compliance answer (default 32)",
+    )
+    extract.add_argument(
+        "--compliance-tokens",
+        type=int,
+        default=40,
+        help="new tokens when the model writes its own compliance answer (default 40)",
+    )
+    extract.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per forward pass (default 16)"
+    )
+    extract.add_argument(
+        "--name", default=None, help="adapter name (default '<family alias>-safety')"
+    )
+    extract.add_argument(
+        "--probe",
+        action="store_true",
+        help="after extracting, answer 12 harmful and 12 benign project prompts greedily "
+        "without and with the adapter's default mix, and count refusals (keyword judge)",
+    )
+    extract.add_argument(
+        "--probe-grid",
+        type=_probe_setting,
+        nargs="+",
+        default=[],
+        metavar="LAYERS@SCALE",
+        help="with --probe, also try these settings built from the same directions, "
+        "e.g. 15@0.2 12,15,18@0.1",
+    )
+    extract.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=48,
+        help="new tokens per probe answer (default 48)",
+    )
+    extract.add_argument(
+        "--show-answers", action="store_true", help="with --probe, print every probe answer"
+    )
+    extract.add_argument("--quiet", action="store_true", help="no progress bars")
+    extract.set_defaults(func=_extract)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a toolkit subcommand without the server package: `python -m safesteer.adapters.cli`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m safesteer.adapters.cli", description="safesteer adapter toolkit"
+    )
+    commands: Any = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_toolkit_commands(commands)
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
