@@ -46,23 +46,23 @@ def _inspect(args: argparse.Namespace) -> int:
         header["norms"] = adapter.norms()
         print(json.dumps(header, indent=2))
         return 0
-    print(f"adapter      {adapter.id}")
+    print(f"{'adapter':<17}{adapter.id}")
     for key in ("family", "architecture", "hidden_size", "num_layers", "layer_convention"):
-        print(f"{key:<12} {header[key]}")
-    print(f"sha256       {adapter.payload_sha256}")
-    print(f"fingerprint  {header['base_fingerprint'] or '-'}")
-    print(f"layers       {', '.join(map(str, adapter.layers))}")
-    print("categories   (default weight, norm of coefficient*vector per layer)")
+        print(f"{key:<17}{header[key]}")
+    print(f"{'sha256':<17}{adapter.payload_sha256}")
+    print(f"{'fingerprint':<17}{header['base_fingerprint'] or '-'}")
+    print(f"{'layers':<17}{', '.join(map(str, adapter.layers))}")
+    print(f"{'categories':<17}(default weight, norm of coefficient*vector per layer)")
     norms = adapter.norms()
     for name, spec in adapter.metadata.categories.items():
         per_layer = " ".join(f"L{la}={n:.2f}" for la, n in sorted(norms.get(name, {}).items()))
         print(f"  {name:<15} w={spec.default_weight:<4g} {per_layer}")
         print(f"  {'':<15} {spec.description}")
     if adapter.conditions:
-        print(f"conditions   {', '.join(sorted(adapter.conditions))}")
+        print(f"{'conditions':<17}{', '.join(sorted(adapter.conditions))}")
     recipe: dict[str, Any] = dict(adapter.metadata.recipe)
     if recipe:
-        print("recipe       " + json.dumps(recipe, sort_keys=True)[:2000])
+        print(f"{'recipe':<17}" + json.dumps(recipe, sort_keys=True)[:2000])
     return 0
 
 
