@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_chat import chat_ids
+from tiny_chat import chat_ids, plain_greedy
 
 from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.hooks import SteeringHooks
@@ -87,15 +87,8 @@ def test_rows_joining_mid_flight_equal_their_solo_runs(
 
 def test_unsteered_row_equals_plain_generate(loaded: LoadedModel) -> None:
     ids = chat_ids(loaded.tokenizer, "hello there")
-    expected = loaded.model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=12,
-        pad_token_id=loaded.tokenizer.pad_token_id,
-    )[0, len(ids) :]
     text = run_requests(make_engine(loaded, None), [RowSpec(ids, GREEDY, None)], [0.0])[0]
-    assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert text == plain_greedy(loaded, ids, GREEDY.max_tokens)
 
 
 def test_seeded_sampling_is_reproducible(loaded: LoadedModel) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import AppFactory
 from fastapi.testclient import TestClient
-from tiny_chat import TINY_CONTEXT, TINY_MODEL_NAME, chat_ids
+from tiny_chat import TINY_CONTEXT, TINY_MODEL_NAME, chat_ids, plain_greedy
 
 from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.loading import LoadedModel
@@ -38,17 +38,8 @@ def test_mode_off_equals_plain_greedy_generation(
     client: openai.OpenAI, loaded: LoadedModel
 ) -> None:
     ids = chat_ids(loaded.tokenizer, "hello there")
-    expected = loaded.model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=12,
-        pad_token_id=loaded.tokenizer.pad_token_id,
-    )[0, len(ids) :]
     response = chat(client, {"mode": "off"})
-    assert response.choices[0].message.content == loaded.tokenizer.decode(
-        expected, skip_special_tokens=True
-    )
+    assert response.choices[0].message.content == plain_greedy(loaded, ids, GREEDY["max_tokens"])
     report = response.model_dump()["safety"]
     assert report["mode"] == "off"
     assert set(report["categories"].values()) == {0.0}

@@ -84,3 +84,16 @@ def chat_ids(tokenizer: Any, text: str) -> list[int]:
         [{"role": "user", "content": text}], add_generation_prompt=True
     )
     return [int(t) for t in encoded["input_ids"]]
+
+
+def plain_greedy(loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> str:
+    """What transformers' own greedy `generate` answers, unhooked and unbatched."""
+    output = loaded.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    text: str = loaded.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+    return text

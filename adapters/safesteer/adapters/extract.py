@@ -38,6 +38,7 @@ from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.layers import decoder_layers
 from safesteer.adapters.loading import LoadedModel
+from safesteer.adapters.padding import left_pad
 from safesteer.adapters.prompts import (
     SOURCE_LICENSES,
     HarmfulPrompt,
@@ -217,13 +218,8 @@ def generate_responses(
     pad = _pad_id(tokenizer)
     for batch in tqdm(_batches(len(order), batch_size), desc=desc, disable=not show_progress):
         indices = [order[i] for i in batch]
-        width = max(len(encoded[i]) for i in indices)
-        input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, index in enumerate(indices):
-            ids = encoded[index]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
+        input_ids, attention = left_pad([encoded[i] for i in indices], pad)
+        width = input_ids.shape[1]
         context = steering(len(indices)) if steering is not None else nullcontext()
         with context:
             output = model.generate(

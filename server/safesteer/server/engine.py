@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from safesteer.adapters.hooks import SteeringHooks
+from safesteer.adapters.padding import left_pad
 from safesteer.server.detokenize import TextStream
 from safesteer.server.sampling import RowSampler, SamplingParams
 
@@ -336,12 +337,7 @@ class Engine:
                     )
                 )
                 specs.append(spec)
-        width = max(len(s.prompt_ids) for s in specs)
-        input_ids = torch.full((len(specs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(specs), width), dtype=torch.long)
-        for i, spec in enumerate(specs):
-            input_ids[i, width - len(spec.prompt_ids) :] = torch.tensor(spec.prompt_ids)
-            mask[i, width - len(spec.prompt_ids) :] = 1
+        input_ids, mask = left_pad([spec.prompt_ids for spec in specs], self._pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         table = self._table_for(rows)
         steered = [r.steering is not None for r in rows]
