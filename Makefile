@@ -29,8 +29,8 @@ serve: $(STAMP)
 	$(BIN)/safesteer serve --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check adapters server tests
-	$(BIN)/ruff format --check adapters server tests
+	$(BIN)/ruff check adapters server tests bench
+	$(BIN)/ruff format --check adapters server tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
