@@ -204,10 +204,6 @@ class Engine:
         return handle
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    @property
     def active_rows(self) -> int:
         batch = self._batch
         return len(batch) if batch else 0

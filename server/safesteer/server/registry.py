@@ -10,8 +10,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.errors import AdapterError, ModelLoadError
 from safesteer.adapters.hooks import SteeringHooks
@@ -63,10 +61,6 @@ class ServedModel:
             max_queue=settings.max_queue,
             threads=settings.threads,
         )
-
-    def steering_row(self, snapshot: AdapterSnapshot, weights: torch.Tensor) -> torch.Tensor:
-        """`[hook layers, hidden]` steering for one row of category weights."""
-        return snapshot.basis.table(weights[None])[0]
 
 
 class ModelRegistry:

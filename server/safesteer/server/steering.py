@@ -52,4 +52,4 @@ def resolve_safety(
     strength = options.strength
     if options.mode == "off" or strength == 0.0 or not any(applied.values()):
         return None, report
-    return served.steering_row(snapshot, weights * strength), report
+    return snapshot.basis.table((weights * strength)[None])[0], report
