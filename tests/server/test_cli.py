@@ -11,8 +11,8 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.errors import AdapterMismatch
 from safesteer.adapters.family import ModelFamily
 from safesteer.adapters.loading import LoadedModel, load_model
+from safesteer.server.adapter_store import FamilyAdapters
 from safesteer.server.cli import main
-from safesteer.server.registry import ServedModel
 from safesteer.server.settings import Settings
 
 
@@ -75,12 +75,12 @@ def test_serve_refuses_an_adapter_of_another_family(
     assert "hidden_size" in err and "32" in err and "64" in err
 
 
-def test_served_model_refuses_a_mismatched_adapter(
+def test_family_store_refuses_a_mismatched_adapter(
     loaded: LoadedModel, random_adapter: Any
 ) -> None:
     other = random_adapter(ModelFamily("llama", 64, 6), layers=(5,))
     with pytest.raises(AdapterMismatch) as info:
-        ServedModel("x", loaded, other, Settings())
+        FamilyAdapters(loaded.family).add(other, origin="x", file_sha256="0", signer=None)
     assert info.value.field == "num_layers"
     assert (info.value.expected, info.value.found) == (4, 6)
 

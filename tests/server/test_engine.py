@@ -14,7 +14,7 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.table import SteeringBasis
-from safesteer.server.engine import Engine, EngineFailed, QueueFull, RowSpec
+from safesteer.server.engine import Engine, EngineFailed, QueueFull, RowSpec, RowSteering
 from safesteer.server.sampling import SamplingParams
 
 PROMPTS = ["hello there", "a much longer prompt about the weather today", "x", "tell me a story"]
@@ -26,7 +26,10 @@ def make_engine(loaded: LoadedModel, adapter: SafetyAdapter | None, **kw: Any) -
     return Engine(loaded.model, loaded.tokenizer, hooks, hidden_size=64, **kw)
 
 
-def steering_rows(adapter: SafetyAdapter) -> list[torch.Tensor | None]:
+NONE = RowSteering(None, None)
+
+
+def steering_rows(adapter: SafetyAdapter) -> list[RowSteering]:
     basis = SteeringBasis.from_adapter(adapter)
     mixes: list[dict[str, float] | None] = [
         {},
@@ -34,7 +37,10 @@ def steering_rows(adapter: SafetyAdapter) -> list[torch.Tensor | None]:
         {"violence": 0.0, "fraud": 3.0},
         {"drugs": 4.0, "violence": 0.5},
     ]
-    return [None if mix is None else basis.table(basis.weights(mix)[None])[0] for mix in mixes]
+    return [
+        NONE if mix is None else RowSteering(basis.table(basis.weights(mix)[None])[0], None)
+        for mix in mixes
+    ]
 
 
 async def _run(engine: Engine, specs: list[RowSpec], delays: list[float]) -> list[list[str]]:
@@ -68,7 +74,7 @@ def test_rows_in_a_mixed_batch_equal_their_solo_runs(
     together = run_requests(make_engine(loaded, strong_adapter), specs, [0.0] * len(specs))
     assert together == solo
     # The steering is strong enough to matter: the first prompt unsteered reads differently.
-    unsteered = RowSpec(specs[0].prompt_ids, GREEDY, None)
+    unsteered = RowSpec(specs[0].prompt_ids, GREEDY, NONE)
     assert run_requests(make_engine(loaded, strong_adapter), [unsteered], [0.0])[0] != solo[0]
 
 
@@ -87,7 +93,7 @@ def test_rows_joining_mid_flight_equal_their_solo_runs(
 
 def test_unsteered_row_equals_plain_generate(loaded: LoadedModel) -> None:
     ids = chat_ids(loaded.tokenizer, "hello there")
-    text = run_requests(make_engine(loaded, None), [RowSpec(ids, GREEDY, None)], [0.0])[0]
+    text = run_requests(make_engine(loaded, None), [RowSpec(ids, GREEDY, NONE)], [0.0])[0]
     assert text == plain_greedy(loaded, ids, GREEDY.max_tokens)
 
 
@@ -96,7 +102,7 @@ def test_seeded_sampling_is_reproducible(loaded: LoadedModel) -> None:
 
     def sample(seed: int) -> str:
         params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=seed)
-        return run_requests(make_engine(loaded, None), [RowSpec(ids, params, None)], [0.0])[0]
+        return run_requests(make_engine(loaded, None), [RowSpec(ids, params, NONE)], [0.0])[0]
 
     assert sample(7) == sample(7)
     assert len({sample(seed) for seed in range(4)}) > 1
@@ -117,7 +123,7 @@ def test_cancelled_request_leaves_the_batch_within_a_step(loaded: LoadedModel) -
 
         async def scenario() -> None:
             long = SamplingParams(max_tokens=200, temperature=0.0, min_tokens=200)
-            handle = engine.submit([RowSpec([1, 2, 3], long, None)], asyncio.get_running_loop())
+            handle = engine.submit([RowSpec([1, 2, 3], long, NONE)], asyncio.get_running_loop())
             await handle.events.get()  # decoding has started
             while engine.active_rows == 0:  # the first token goes out just before the join
                 await asyncio.sleep(0.001)
@@ -140,9 +146,9 @@ def test_full_queue_is_refused(loaded: LoadedModel) -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         for _ in range(2):
-            engine.submit([RowSpec([1, 2], GREEDY, None)], loop)
+            engine.submit([RowSpec([1, 2], GREEDY, NONE)], loop)
         with pytest.raises(QueueFull):
-            engine.submit([RowSpec([1, 2], GREEDY, None)], loop)
+            engine.submit([RowSpec([1, 2], GREEDY, NONE)], loop)
 
     asyncio.run(scenario())
 
@@ -150,7 +156,7 @@ def test_full_queue_is_refused(loaded: LoadedModel) -> None:
 def test_token_budget_holds_back_requests_that_do_not_fit(loaded: LoadedModel) -> None:
     engine = make_engine(loaded, None, max_tokens_in_flight=40)
     ids = chat_ids(loaded.tokenizer, "hi")  # ~20 tokens + 12 completion: one row fits, not two
-    specs = [RowSpec(ids, GREEDY, None) for _ in range(3)]
+    specs = [RowSpec(ids, GREEDY, NONE) for _ in range(3)]
     peak = 0
 
     def record_batch(_module: Any, args: Any, kwargs: Any) -> None:
@@ -167,8 +173,8 @@ def test_a_failing_request_does_not_disturb_the_running_batch(
     loaded: LoadedModel, strong_adapter: SafetyAdapter
 ) -> None:
     ids = chat_ids(loaded.tokenizer, "hello there")
-    good = RowSpec(ids, SamplingParams(max_tokens=30, temperature=0.0), None)
-    broken = RowSpec(ids, GREEDY, torch.ones(5, 5))  # steering of the wrong shape
+    good = RowSpec(ids, SamplingParams(max_tokens=30, temperature=0.0), NONE)
+    broken = RowSpec(ids, GREEDY, RowSteering(torch.ones(5, 5), None))  # wrong shape
     solo = run_requests(make_engine(loaded, strong_adapter), [good], [0.0])[0]
     engine = make_engine(loaded, strong_adapter)
     engine.start()

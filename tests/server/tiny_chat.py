@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from safesteer.adapters.family import ModelFamily
 from safesteer.adapters.loading import LoadedModel, weights_fingerprint
@@ -64,12 +70,32 @@ def tiny_chat_model(vocab_size: int) -> LlamaForCausalLM:
     return model
 
 
-def tiny_loaded_model() -> LoadedModel:
+def tiny_qwen2_chat_model(vocab_size: int) -> Qwen2ForCausalLM:
+    """A second family for multi-family tests: Qwen2, hidden 48, 3 layers."""
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=vocab_size,
+        max_position_embeddings=TINY_CONTEXT,
+        eos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_loaded_model(architecture: str = "llama", name: str = TINY_MODEL_NAME) -> LoadedModel:
     tokenizer = tiny_tokenizer()
-    model = tiny_chat_model(len(tokenizer))
+    build = tiny_qwen2_chat_model if architecture == "qwen2" else tiny_chat_model
+    model = build(len(tokenizer))
     assert tokenizer.eos_token_id == len(tokenizer) - 2
     return LoadedModel(
-        name=TINY_MODEL_NAME,
+        name=name,
         source="test",
         model=model,
         tokenizer=tokenizer,

@@ -7,6 +7,14 @@ model, `coefficient * vector`: `effective(a + b) == effective(a) + effective(b)`
 On disk it is one safetensors file: tensors `vector.<category>.<layer>` (fp32, hidden size),
 optional `condition.<category>` probes, and the metadata as JSON under the header key
 `safesteer`. No pickle anywhere.
+
+Gates (optional, `AdapterMetadata.gate`): a category with a condition probe steers a row only
+when `condition . pooled(h) + bias > threshold`, `h` being what the gate's detection layer
+outputs for the row's prompt (see `gating`). Gates decide *whether* a category steers, vectors
+*how much*: `k * a` leaves them alone; `a + b` keeps, for each category, the probe of the left
+operand if it gates that category, else the right one's (both gates must read the same
+detection layer with the same pooling), and drops probes that have no gate entry. A file
+without a gate reads as before.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from safesteer.adapters.errors import (
@@ -42,6 +51,8 @@ _VECTOR_NAME = re.compile(r"^vector\.([a-z0-9_]+)\.(\d+)$")
 _CONDITION_NAME = re.compile(r"^condition\.([a-z0-9_]+)$")
 _CATEGORY_NAME = re.compile(r"^[a-z0-9_]+$")
 
+POOLINGS: tuple[str, ...] = ("last", "mean")
+
 Vectors = Mapping[str, Mapping[int, torch.Tensor]]
 Coefficients = Mapping[str, Mapping[int, float]]
 
@@ -52,6 +63,67 @@ class CategorySpec:
 
     description: str
     default_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class CategoryGate:
+    """When one category's probe fires: `condition . pooled(h) + bias > threshold`.
+
+    `target_fpr` is the false-positive rate the threshold was calibrated to on benign dev
+    prompts; `tpr` and `fpr` are what the probe measured on harmful and benign dev prompts
+    (`gating` records the FPR leave-one-out, as the calibration set's own is the target).
+    """
+
+    bias: float
+    threshold: float
+    target_fpr: float
+    tpr: float | None = None
+    fpr: float | None = None
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """The condition probes' shared reading point and their per-category calibration."""
+
+    detection_layer: int  # the decoder layer whose output the probes read (0-based)
+    pooling: str  # how prompt positions become one vector: one of POOLINGS
+    categories: Mapping[str, CategoryGate]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "detection_layer": self.detection_layer,
+            "pooling": self.pooling,
+            "categories": {
+                c: {
+                    "bias": g.bias,
+                    "threshold": g.threshold,
+                    "target_fpr": g.target_fpr,
+                    "tpr": g.tpr,
+                    "fpr": g.fpr,
+                }
+                for c, g in self.categories.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> GateSpec:
+        def rate(value: Any) -> float | None:
+            return None if value is None else float(value)
+
+        return cls(
+            detection_layer=int(raw["detection_layer"]),
+            pooling=str(raw["pooling"]),
+            categories={
+                str(c): CategoryGate(
+                    bias=float(g["bias"]),
+                    threshold=float(g["threshold"]),
+                    target_fpr=float(g["target_fpr"]),
+                    tpr=rate(g.get("tpr")),
+                    fpr=rate(g.get("fpr")),
+                )
+                for c, g in raw["categories"].items()
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -67,6 +139,7 @@ class AdapterMetadata:
     layer_convention: str = LAYER_CONVENTION
     base_fingerprint: str = ""
     recipe: Mapping[str, Any] = field(default_factory=dict)
+    gate: GateSpec | None = None
 
     @classmethod
     def for_family(
@@ -161,8 +234,8 @@ class SafetyAdapter:
                 for layer in sorted(layers)
             }
         coefficients = {c: dict.fromkeys(per, 1.0) for c, per in vectors.items()}
-        metadata = replace(self.metadata, categories=categories)
-        conditions = {**other.conditions, **self.conditions}
+        gate, conditions = _merged_conditions(self, other)
+        metadata = replace(self.metadata, categories=categories, gate=gate)
         return SafetyAdapter(metadata, vectors, coefficients, conditions)
 
     def __sub__(self, other: SafetyAdapter) -> SafetyAdapter:
@@ -185,12 +258,12 @@ class SafetyAdapter:
     # ----- I/O -----------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {
-            f"vector.{category}.{layer}": vector.detach().to(torch.float32).contiguous()
+            f"vector.{category}.{layer}": _owned(vector)
             for category, per_layer in self.vectors.items()
             for layer, vector in per_layer.items()
         }
         for category, probe in self.conditions.items():
-            tensors[f"condition.{category}"] = probe.detach().to(torch.float32).contiguous()
+            tensors[f"condition.{category}"] = _owned(probe)
         return tensors
 
     def to_header(self) -> dict[str, Any]:
@@ -213,6 +286,7 @@ class SafetyAdapter:
             },
             "base_fingerprint": meta.base_fingerprint,
             "recipe": dict(meta.recipe),
+            **({"gate": meta.gate.to_json()} if meta.gate is not None else {}),
             "payload_sha256": self.payload_sha256,
         }
 
@@ -234,14 +308,22 @@ class SafetyAdapter:
             AdapterIntegrityError: the tensors do not match the recorded payload sha256.
         """
         path = Path(path)
-        display = path.name
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                header_meta = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            data = path.read_bytes()
         except FileNotFoundError as exc:
-            raise AdapterFormatError(f"adapter file {display} does not exist") from exc
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise AdapterFormatError(f"adapter file {path.name} does not exist") from exc
+        except OSError as exc:
+            raise AdapterFormatError(f"adapter file {path.name} cannot be read") from exc
+        return cls.from_bytes(data, path.name)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, display: str) -> SafetyAdapter:
+        """Validate an adapter from the bytes of its file (`display` names it in errors)."""
+        try:
+            tensors = load_safetensors(data)
+            header_length = int.from_bytes(data[:8], "little")
+            header_meta = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError, AttributeError) as exc:
             raise AdapterFormatError(f"{display} is not a readable safetensors file") from exc
         raw = header_meta.get(_HEADER_KEY)
         if raw is None:
@@ -278,6 +360,7 @@ class SafetyAdapter:
                 layer_convention=str(header["layer_convention"]),
                 base_fingerprint=str(header.get("base_fingerprint", "")),
                 recipe=dict(header.get("recipe", {})),
+                gate=GateSpec.from_json(header["gate"]) if header.get("gate") else None,
             )
             coefficients = {
                 str(c): {int(layer): float(coef) for layer, coef in per.items()}
@@ -307,6 +390,33 @@ class SafetyAdapter:
             return cls(metadata, vectors, coefficients, conditions)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"{display}: {exc}") from exc
+
+
+def _merged_conditions(
+    mine: SafetyAdapter, theirs: SafetyAdapter
+) -> tuple[GateSpec | None, dict[str, torch.Tensor]]:
+    """The gate and probes of `mine + theirs`: per category, mine if I gate it, else theirs."""
+    gates = [(a, a.metadata.gate) for a in (mine, theirs) if a.metadata.gate is not None]
+    if not gates:
+        return None, {**theirs.conditions, **mine.conditions}
+    first = gates[0][1]
+    for attr in ("detection_layer", "pooling"):
+        for _, other in gates[1:]:
+            if getattr(first, attr) != getattr(other, attr):
+                raise AdapterMismatch(f"gate.{attr}", getattr(first, attr), getattr(other, attr))
+    entries: dict[str, CategoryGate] = {}
+    conditions: dict[str, torch.Tensor] = {}
+    for adapter, gate in gates:
+        for category, entry in gate.categories.items():
+            if category not in entries:
+                entries[category] = entry
+                conditions[category] = adapter.conditions[category]
+    return replace(first, categories=entries), conditions
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy that shares memory with nothing (safetensors refuses shared storage)."""
+    return tensor.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
 
 
 def _effective_or_zero(adapter: SafetyAdapter, category: str, layer: int) -> torch.Tensor:
@@ -361,5 +471,48 @@ def _check_structure(
             raise AdapterFormatError(f"condition for category {category!r} not in metadata")
         if probe.ndim != 1 or not torch.isfinite(probe).all():
             raise AdapterFormatError(f"condition.{category} must be a finite 1-d tensor")
+    if meta.gate is not None:
+        _check_gate(meta, meta.gate, vectors, conditions)
     if not any(vectors.values()):
         raise AdapterFormatError("the adapter has no vectors")
+
+
+def _check_gate(
+    meta: AdapterMetadata,
+    gate: GateSpec,
+    vectors: Vectors,
+    conditions: Mapping[str, torch.Tensor],
+) -> None:
+    if gate.pooling not in POOLINGS:
+        raise AdapterFormatError(f"gate pooling {gate.pooling!r} is not one of {POOLINGS}")
+    steering_layers = sorted({layer for per in vectors.values() for layer in per})
+    if not 0 <= gate.detection_layer < meta.num_layers:
+        raise AdapterFormatError(
+            f"gate detection layer {gate.detection_layer} outside 0..{meta.num_layers - 1}"
+        )
+    if steering_layers and gate.detection_layer >= steering_layers[0]:
+        raise AdapterFormatError(
+            f"gate detection layer {gate.detection_layer} must come before every steering "
+            f"layer (the first is {steering_layers[0]})"
+        )
+    if not gate.categories:
+        raise AdapterFormatError("the gate has no categories")
+    for category in conditions:
+        if category not in gate.categories:
+            raise AdapterFormatError(f"condition.{category} has no gate entry")
+    for category, entry in gate.categories.items():
+        probe = conditions.get(category)
+        if probe is None:
+            raise AdapterFormatError(f"gate entry {category!r} has no condition.{category}")
+        if tuple(probe.shape) != (meta.hidden_size,):
+            raise AdapterFormatError(
+                f"condition.{category} has shape {tuple(probe.shape)}, "
+                f"expected ({meta.hidden_size},)"
+            )
+        if not (math.isfinite(entry.bias) and math.isfinite(entry.threshold)):
+            raise AdapterFormatError(f"gate of {category!r}: bias and threshold must be finite")
+        if not 0.0 < entry.target_fpr < 1.0:
+            raise AdapterFormatError(f"gate of {category!r}: target_fpr must be in (0, 1)")
+        for name, rate in (("tpr", entry.tpr), ("fpr", entry.fpr)):
+            if rate is not None and not 0.0 <= rate <= 1.0:
+                raise AdapterFormatError(f"gate of {category!r}: {name} must be in [0, 1]")

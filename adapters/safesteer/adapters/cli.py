@@ -1,4 +1,5 @@
-"""Toolkit subcommands of the `safesteer` command: `inspect`, `extract`.
+"""Toolkit subcommands of the `safesteer` command: `inspect`, `extract`, `export-gguf`,
+`eval`.
 
 The server package adds `serve` on top (dependency direction: server -> adapters).
 Each subcommand sets `func(args) -> int` (the exit status).
@@ -23,10 +24,11 @@ from safesteer.adapters.extract import (
     ProbeReport,
     build_adapter,
     extract_directions,
-    is_refusal,
     mix_norm_ratio,
     probe_adapter,
 )
+from safesteer.adapters.gguf_export import ControlVectorExportError, export_control_vector
+from safesteer.adapters.judge import is_refusal
 from safesteer.adapters.loading import DEFAULT_MODEL, LoadedModel, load_model
 from safesteer.adapters.prompts import load_probe_prompts
 
@@ -204,6 +206,8 @@ def add_toolkit_commands(commands: Any) -> None:
     inspect.add_argument("--json", action="store_true", help="print the full header as JSON")
     inspect.set_defaults(func=_inspect)
     _add_extract_command(commands)
+    _add_export_gguf_command(commands)
+    _add_eval_command(commands)
 
 
 def _add_extract_command(commands: Any) -> None:
@@ -309,6 +313,87 @@ def _add_extract_command(commands: Any) -> None:
     )
     extract.add_argument("--quiet", action="store_true", help="no progress bars")
     extract.set_defaults(func=_extract)
+
+
+def _category_weights(text: str) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError(part)
+            weights[name.strip()] = float(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=WEIGHT pairs like violence=1,weapons=0.5, got {text!r}"
+            ) from exc
+    return weights
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    try:
+        adapter = SafetyAdapter.load(args.file)
+        vector = export_control_vector(
+            adapter, args.out, args.categories, strength=args.strength, only=args.only
+        )
+    except (AdapterError, ControlVectorExportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: llama.cpp control vector of {vector.adapter_id}")
+    mix = ", ".join(f"{c}={w:g}" for c, w in vector.weights.items())
+    print(f"weight x strength: {mix}")
+    for layer, direction in sorted(vector.directions.items()):
+        print(f"  direction.{layer} (output of decoder layer {layer}): norm {direction.norm():.2f}")
+    print(f"use: llama-server -m MODEL.gguf --control-vector {args.out}")
+    return 0
+
+
+def _add_export_gguf_command(commands: Any) -> None:
+    export = commands.add_parser(
+        "export-gguf",
+        help="write one category mix of an adapter as a llama.cpp control-vector GGUF",
+        description=(
+            "Write what the server would add for one category mix as a llama.cpp control "
+            "vector (general.architecture=controlvector, tensors direction.N). direction.N is "
+            "added by llama.cpp to the output of decoder layer N (0-based), the adapter's "
+            "layer N; layer 0 cannot be expressed. The strength is baked in."
+        ),
+    )
+    export.add_argument("file", help="adapter .safetensors file")
+    export.add_argument("--out", required=True, help="control-vector file to write (.gguf)")
+    export.add_argument(
+        "--categories",
+        type=_category_weights,
+        default={},
+        metavar="NAME=WEIGHT,...",
+        help="category weights, e.g. violence=1,weapons=0.5; categories not named keep the "
+        "adapter's default weight (default: all defaults)",
+    )
+    export.add_argument(
+        "--only",
+        action="store_true",
+        help="categories not named in --categories get weight 0 instead of their default",
+    )
+    export.add_argument(
+        "--strength", type=float, default=1.0, help="multiplies every weight (default 1)"
+    )
+    export.set_defaults(func=_export_gguf)
+
+
+def _add_eval_command(commands: Any) -> None:
+    from safesteer.adapters.evaluation.command import (
+        DESCRIPTION,
+        add_eval_arguments,
+        run_eval_command,
+    )
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a model and adapter: refusals, over-refusal, utility, selectivity",
+        description=DESCRIPTION,
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

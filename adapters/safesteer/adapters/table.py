@@ -34,9 +34,19 @@ class SteeringBasis:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        layers: Sequence[int] | None = None,
     ) -> SteeringBasis:
+        """Pack the adapter's vectors; `layers` (default: the adapter's) may add zero layers,
+        so that tables of different adapters of one family line up on one set of hooks.
+
+        Raises:
+            ValueError: `layers` leaves out a layer the adapter steers.
+        """
         categories = tuple(adapter.categories)
-        layers = tuple(adapter.layers)
+        layers = tuple(adapter.layers) if layers is None else tuple(layers)
+        missing = sorted(set(adapter.layers) - set(layers))
+        if missing:
+            raise ValueError(f"layers {missing} of the adapter are not among {list(layers)}")
         basis = torch.stack(
             [torch.stack([adapter.effective(c, layer) for layer in layers]) for c in categories]
         )

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from safesteer.server.admin_routes import admin_router
+from safesteer.server.auth import KeyStore
 from safesteer.server.errors import (
     APIError,
     InvalidRequest,
@@ -18,10 +20,12 @@ from safesteer.server.errors import (
     NotFound,
     ServerOverloaded,
 )
-from safesteer.server.registry import ModelRegistry, registry_from_settings
+from safesteer.server.logs import RequestIdMiddleware
+from safesteer.server.metrics import MetricsMiddleware, ServerMetrics
 from safesteer.server.routes import router
 from safesteer.server.serving import OpenAIServing
 from safesteer.server.settings import Settings
+from safesteer.server.startup import Server, build_server
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -81,21 +85,32 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError("internal server error; see the server log"))
 
 
-def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
-    """Build the app. Without `registry`, the models in `settings` load at startup."""
+def create_app(settings: Settings | None = None, server: Server | None = None) -> FastAPI:
+    """Build the app. Without `server`, models and adapters load at startup from `settings`."""
     settings = settings or Settings()
+    keys = KeyStore.load(settings.keys_file) if settings.keys_file is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        models = registry or registry_from_settings(settings)
-        app.state.serving = OpenAIServing(models, settings)
-        models.start()
+        built = server or build_server(settings)
+        metrics = ServerMetrics(built.registry)
+        built.admin.swap_listeners.append(
+            lambda family, _record: metrics.adapter_swaps.labels(family.family.id).inc()
+        )
+        app.state.metrics = metrics
+        app.state.admin = built.admin
+        app.state.serving = OpenAIServing(built.registry, settings, metrics)
+        built.registry.start()
         try:
             yield
         finally:
-            models.stop()
+            built.registry.stop()
 
     app = FastAPI(title="safesteer", version="0.1.0", lifespan=lifespan)
+    app.state.keys = keys
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app

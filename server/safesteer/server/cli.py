@@ -12,6 +12,11 @@ from pydantic import ValidationError
 
 from safesteer.adapters.cli import add_toolkit_commands
 from safesteer.adapters.errors import AdapterError, ModelLoadError
+from safesteer.server.access import is_loopback
+from safesteer.server.auth import KeysFileError
+from safesteer.server.config import ConfigError
+from safesteer.server.logs import configure_logging
+from safesteer.server.ops_cli import add_ops_commands
 from safesteer.server.settings import Settings
 
 
@@ -41,22 +46,37 @@ def _serve(args: argparse.Namespace) -> int:
             flag = _flag(str(error["loc"][0])) if error["loc"] else "settings"
             print(f"error: {flag}: {error['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.keys_file is None and not is_loopback(settings.host):
+        if not settings.insecure_no_auth:
+            print(
+                f"error: refusing to serve without API keys on {settings.host}: pass "
+                "--keys-file (see `safesteer keys add`), bind 127.0.0.1, or accept the risk "
+                "with --insecure-no-auth",
+                file=sys.stderr,
+            )
+            return 2
+        logging.getLogger(__name__).warning(
+            "serving WITHOUT authentication on %s (--insecure-no-auth)", settings.host
+        )
     import uvicorn
 
     from safesteer.server.app import create_app
-    from safesteer.server.registry import registry_from_settings
+    from safesteer.server.startup import build_server
 
     try:
-        registry = registry_from_settings(settings)
-    except (AdapterError, ModelLoadError) as exc:
+        server = build_server(settings)
+        app = create_app(settings, server)
+    except (AdapterError, ModelLoadError, ConfigError, KeysFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings, registry)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+    )
     return 0
 
 
@@ -75,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(serve)
     serve.set_defaults(func=_serve)
     add_toolkit_commands(commands)
+    add_ops_commands(commands)
     return parser
 
 

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +26,15 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from safesteer.adapters.hooks import SteeringHooks
+from safesteer.adapters.gating import PromptGate
+from safesteer.adapters.hooks import Observers, SteeringHooks
 from safesteer.adapters.padding import left_pad
+from safesteer.adapters.table import SteeringBasis
 from safesteer.server.detokenize import TextStream
 from safesteer.server.sampling import RowSampler, SamplingParams
 
 log = logging.getLogger(__name__)
+Observer = Callable[[torch.Tensor], None]
 
 
 class QueueFull(Exception):
@@ -42,13 +45,34 @@ class EngineFailed(Exception):
     """The model step failed for this request (details are in the server log)."""
 
 
+@dataclass(frozen=True, eq=False)
+class RowGate:
+    """Gated steering of a row: `basis.table(weights * fired)`, `fired` decided at prefill."""
+
+    gate: PromptGate
+    basis: SteeringBasis
+    weights: torch.Tensor  # [categories], strength included
+
+
+@dataclass(frozen=True, eq=False)
+class RowSteering:
+    """A row's steering: a fixed `[hook layers, hidden]` part and/or a gated part."""
+
+    fixed: torch.Tensor | None
+    gated: RowGate | None
+
+    @property
+    def none(self) -> bool:
+        return self.fixed is None and self.gated is None
+
+
 @dataclass(frozen=True)
 class RowSpec:
     """One sequence to generate: a choice of a request."""
 
     prompt_ids: list[int]
     params: SamplingParams
-    steering: torch.Tensor | None  # [hook layers, hidden]; None: no steering at all
+    steering: RowSteering
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,9 @@ class RequestHandle:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rows: list[RowSpec]) -> None:
         self.rows = rows
+        # Per row, the gated categories that fired at the prefill (None: row not gated). Set
+        # by the engine thread before the row's first event is emitted.
+        self.fired: list[tuple[str, ...] | None] = [None] * len(rows)
         self.events: asyncio.Queue[RowEvent | Exception] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
@@ -107,7 +134,6 @@ class _Row:
     params: SamplingParams
     sampler: RowSampler
     text: TextStream
-    steering: torch.Tensor | None
     budget: int
     completion_tokens: int = 0
     finished: bool = False
@@ -204,6 +230,14 @@ class Engine:
         return handle
 
     @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
     def active_rows(self) -> int:
         batch = self._batch
         return len(batch) if batch else 0
@@ -273,10 +307,12 @@ class Engine:
             handle.emit(EngineFailed(why))
             handle.cancel()
 
-    def _steering(self, table: torch.Tensor, steered: list[bool]) -> AbstractContextManager[None]:
-        if self._hooks is None or not any(steered):
+    def _steering(
+        self, table: torch.Tensor, steered: list[bool], observers: Observers | None
+    ) -> AbstractContextManager[None]:
+        if self._hooks is None or not (any(steered) or observers):
             return nullcontext()
-        return self._hooks.steering(table)
+        return self._hooks.steering(table, observers=observers)
 
     def _forward(
         self,
@@ -286,8 +322,9 @@ class Engine:
         cache: DynamicCache,
         table: torch.Tensor,
         steered: list[bool],
+        observers: Observers | None = None,
     ) -> torch.Tensor:
-        with self._steering(table, steered):
+        with self._steering(table, steered, observers):
             out = self._model(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -316,7 +353,11 @@ class Engine:
             self._batch = None
 
     def _prefill(self, handles: list[RequestHandle]) -> _Batch:
-        """Prefill the new rows together and choose their first tokens."""
+        """Prefill the new rows together and choose their first tokens.
+
+        Gated rows get their steering inside this pass: an observer on each detection layer
+        evaluates the rows' probes and writes their table rows before any later layer runs.
+        """
         rows: list[_Row] = []
         specs: list[RowSpec] = []
         for handle in handles:
@@ -328,17 +369,25 @@ class Engine:
                         spec.params,
                         RowSampler(spec.params),
                         TextStream(self._tokenizer, spec.params.stop),
-                        spec.steering,
                         _budget(spec),
                     )
                 )
                 specs.append(spec)
         input_ids, mask = left_pad([spec.prompt_ids for spec in specs], self._pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        table = self._table_for(rows)
-        steered = [r.steering is not None for r in rows]
+        table = torch.zeros((len(rows), self._hook_layers, self._hidden_size))
+        steered = [False] * len(rows)
+        for i, spec in enumerate(specs):
+            if spec.steering.fixed is not None:
+                table[i] = spec.steering.fixed
+                steered[i] = True
+        gated = [(i, spec.steering.gated) for i, spec in enumerate(specs) if spec.steering.gated]
+        fired: dict[int, tuple[str, ...]] = {}
+        observers = self._gate_observers(gated, mask, table, steered, fired) if gated else None
         cache = DynamicCache(config=self._model.config)
-        logits = self._forward(input_ids, mask, positions, cache, table, steered)
+        logits = self._forward(input_ids, mask, positions, cache, table, steered, observers)
+        for i, names in fired.items():
+            rows[i].handle.fired[rows[i].index] = names
         new = _Batch(
             rows=rows,
             cache=cache,
@@ -351,12 +400,40 @@ class Engine:
         self._choose_tokens(new, logits)
         return new
 
-    def _table_for(self, rows: list[_Row]) -> torch.Tensor:
-        table = torch.zeros((len(rows), self._hook_layers, self._hidden_size))
-        for i, row in enumerate(rows):
-            if row.steering is not None:
-                table[i] = row.steering
-        return table
+    @staticmethod
+    def _gate_observers(
+        gated: list[tuple[int, RowGate]],
+        mask: torch.Tensor,
+        table: torch.Tensor,
+        steered: list[bool],
+        fired: dict[int, tuple[str, ...]],
+    ) -> Observers:
+        """Per detection layer, a callback deciding its rows' gated steering in place."""
+        groups: dict[tuple[int, int], list[tuple[int, RowGate]]] = {}
+        for i, row_gate in gated:
+            key = (row_gate.gate.detection_layer, id(row_gate.gate))
+            groups.setdefault(key, []).append((i, row_gate))
+        by_layer: dict[int, list[list[tuple[int, RowGate]]]] = {}
+        for (layer, _), members in groups.items():
+            by_layer.setdefault(layer, []).append(members)
+
+        def observer(
+            groups_here: list[list[tuple[int, RowGate]]],
+        ) -> Callable[[torch.Tensor], None]:
+            def observe(hidden: torch.Tensor) -> None:
+                for members in groups_here:
+                    index = torch.tensor([i for i, _ in members])
+                    gate, basis = members[0][1].gate, members[0][1].basis
+                    weights = torch.stack([g.weights for _, g in members])
+                    hits = gate.fired(hidden[index], mask[index]) & weights.ne(0)
+                    table[index] += basis.table(weights * hits)
+                    for (i, _), names in zip(members, gate.names(hits), strict=True):
+                        fired[i] = tuple(names)
+                        steered[i] = steered[i] or bool(names)
+
+            return observe
+
+        return {layer: observer(groups_here) for layer, groups_here in by_layer.items()}
 
     @staticmethod
     def _merge(old: _Batch, new: _Batch) -> _Batch:

@@ -79,3 +79,27 @@ class EngineFailure(APIError):
     status_code = 500
     error_type = "internal_error"
     default_code = "engine_failure"
+
+
+class AuthenticationFailed(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(APIError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
+class Conflict(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"

@@ -37,8 +37,11 @@ class SafetyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["always", "off"] = Field(
-        "always", description="`always`: steer every token; `off`: no steering at all."
+    mode: Literal["gated", "always", "off"] | None = Field(
+        None,
+        description="`gated`: steer a category only when its condition probe fires on the "
+        "prompt; `always`: steer every token; `off`: no steering. Default: `gated` when the "
+        "adapter has a gate, else `always`.",
     )
     categories: dict[str, float] = Field(
         default_factory=dict,
@@ -202,6 +205,9 @@ class SafetyReport(BaseModel):
     mode: str
     strength: float
     categories: dict[str, float]
+    fired: list[str] | None = Field(
+        None, description="`gated` mode: the categories whose probes fired on the prompt."
+    )
 
 
 class ChatResponseMessage(BaseModel):

@@ -1,56 +1,43 @@
-"""Served models: the loaded model, its hooks and engine, and the adapter snapshot in force.
+"""Served models and the adapters of their families.
 
-A request captures the `AdapterSnapshot` current at admission and builds its steering row from
-it, so whatever later replaces the snapshot never changes a request already admitted.
+Each served model has its own engine and hooks (on every decoder layer); each family has one
+`FamilyAdapters` shared by its served models (fine-tunes of one base). A served model may pin
+an adapter of its own (e.g. one calibrated for that fine-tune); otherwise it uses the family's
+active adapter. A request captures the record current at admission.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
-from safesteer.adapters.adapter import SafetyAdapter
-from safesteer.adapters.errors import AdapterError, ModelLoadError
 from safesteer.adapters.hooks import SteeringHooks
-from safesteer.adapters.loading import LoadedModel, load_model
-from safesteer.adapters.table import SteeringBasis
+from safesteer.adapters.loading import LoadedModel
+from safesteer.server.adapter_store import AdapterRecord, FamilyAdapters
 from safesteer.server.engine import Engine
-from safesteer.server.errors import ModelNotFound
+from safesteer.server.errors import ModelNotFound, NotFound
 from safesteer.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AdapterSnapshot:
-    """An adapter and its packed basis, immutable once published."""
-
-    adapter: SafetyAdapter
-    basis: SteeringBasis
-
-
 class ServedModel:
-    """One model under one name: engine, hooks on its adapter's layers, active adapter."""
+    """One model under one name: engine, hooks, its family's adapters, an optional pin."""
 
     def __init__(
         self,
         name: str,
         loaded: LoadedModel,
-        adapter: SafetyAdapter | None,
+        adapters: FamilyAdapters,
         settings: Settings,
+        pinned: AdapterRecord | None = None,
     ) -> None:
+        if adapters.family.id != loaded.family.id:
+            raise ValueError(f"{name}: family {loaded.family.id} given {adapters.family.id}")
         self.name = name
         self.loaded = loaded
-        self.snapshot: AdapterSnapshot | None = None
-        self.hooks: SteeringHooks | None = None
-        if adapter is not None:
-            adapter.check_fits(loaded.family)
-            device = next(loaded.model.parameters()).device
-            self.snapshot = AdapterSnapshot(
-                adapter, SteeringBasis.from_adapter(adapter, device=device)
-            )
-            self.hooks = SteeringHooks(loaded.model, loaded.family.num_layers, adapter.layers)
+        self.adapters = adapters
+        self.pinned = pinned
+        self.hooks = SteeringHooks(loaded.model, loaded.family.num_layers, adapters.layers)
         self.engine = Engine(
             loaded.model,
             loaded.tokenizer,
@@ -62,16 +49,30 @@ class ServedModel:
             threads=settings.threads,
         )
 
+    @property
+    def adapter(self) -> AdapterRecord | None:
+        """The adapter a request admitted now uses: the pin, else the family's active one."""
+        return self.pinned or self.adapters.active
+
 
 class ModelRegistry:
-    """Served models by name."""
+    """Served models by name, and adapters by family."""
 
     def __init__(self, models: list[ServedModel]) -> None:
         self._models = {m.name: m for m in models}
+        self._families: dict[str, FamilyAdapters] = {}
+        for model in models:
+            held = self._families.setdefault(model.adapters.family.id, model.adapters)
+            if held is not model.adapters:
+                raise ValueError(f"family {held.family.id} has two adapter stores")
 
     @property
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    @property
+    def families(self) -> list[FamilyAdapters]:
+        return list(self._families.values())
 
     def get(self, name: str | None) -> ServedModel:
         if name is None and len(self._models) == 1:
@@ -88,6 +89,18 @@ class ModelRegistry:
                 param="model",
             ) from None
 
+    def family(self, name: str) -> FamilyAdapters:
+        """A served family by id or alias."""
+        for adapters in self._families.values():
+            if name in (adapters.family.id, adapters.family.alias):
+                return adapters
+        raise NotFound(
+            f"no served model belongs to family {name!r}; served families: "
+            f"{', '.join(self._families)}",
+            param="family",
+            code="family_not_found",
+        )
+
     def start(self) -> None:
         for model in self._models.values():
             model.engine.start()
@@ -95,40 +108,3 @@ class ModelRegistry:
     def stop(self) -> None:
         for model in self._models.values():
             model.engine.stop()
-
-
-def find_family_adapter(adapter_dir: Path, family_id: str) -> SafetyAdapter | None:
-    """The built-in adapter for a family: the first `<dir>/*/*.safetensors` made for it."""
-    for path in sorted(adapter_dir.glob("*/*.safetensors")):
-        try:
-            adapter = SafetyAdapter.load(path)
-        except AdapterError as exc:
-            log.warning("skipping %s: %s", path.name, exc)
-            continue
-        if adapter.metadata.family == family_id:
-            return adapter
-    return None
-
-
-def registry_from_settings(settings: Settings) -> ModelRegistry:
-    """Load the model and its adapter as `settings` say; raises on any mismatch."""
-    loaded = load_model(settings.model, settings.cache_dir)
-    adapter: SafetyAdapter | None = None
-    if settings.adapter is not None:
-        adapter = SafetyAdapter.load(settings.adapter)
-    elif not settings.no_adapter:
-        adapter = find_family_adapter(settings.adapter_dir, loaded.family.id)
-        if adapter is None:
-            raise ModelLoadError(
-                f"no adapter for family {loaded.family.id} in {settings.adapter_dir}; "
-                "pass --adapter FILE or --no-adapter"
-            )
-    name = settings.served_model_name or loaded.name
-    log.info(
-        "serving %s (family %s, alias %s) with adapter %s",
-        name,
-        loaded.family.id,
-        loaded.family.alias,
-        adapter.id if adapter else "none",
-    )
-    return ModelRegistry([ServedModel(name, loaded, adapter, settings)])

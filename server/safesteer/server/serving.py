@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from safesteer.server.auth import Principal
 from safesteer.server.engine import EngineFailed, QueueFull, RequestHandle, RowSpec
 from safesteer.server.errors import (
     APIError,
@@ -20,6 +21,7 @@ from safesteer.server.errors import (
     ServerOverloaded,
     UnsupportedParameter,
 )
+from safesteer.server.metrics import ServerMetrics
 from safesteer.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -66,9 +68,10 @@ def sse(payload: str) -> str:
 class OpenAIServing:
     """Stateful side of the OpenAI endpoints; routes stay thin."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: ServerMetrics) -> None:
         self.registry = registry
         self.settings = settings
+        self.metrics = metrics
         self.started = int(time.time())
 
     # ----- models ---------------------------------------------------------------------------
@@ -80,7 +83,7 @@ class OpenAIServing:
                     created=self.started,
                     family=m.loaded.family.id,
                     family_alias=m.loaded.family.alias,
-                    adapter=m.snapshot.adapter.id if m.snapshot else None,
+                    adapter=m.adapter.id if m.adapter else None,
                     context_length=m.loaded.context_length,
                 )
                 for m in self.registry.models
@@ -94,6 +97,7 @@ class OpenAIServing:
         request: SamplingFields,
         prompts: Sequence[list[int]],
         token_limit: int | None,
+        principal: Principal,
     ) -> PreparedRequest:
         for param, why in request.unsupported():
             raise UnsupportedParameter(param, why)
@@ -103,7 +107,7 @@ class OpenAIServing:
             stops = tuple(request.stop_list())
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="stop") from exc
-        steering, report = resolve_safety(served, request.safety)
+        steering, report = resolve_safety(served, request.safety, principal)
         context = served.loaded.context_length
         rows: list[RowSpec] = []
         for prompt in prompts:
@@ -172,26 +176,57 @@ class OpenAIServing:
         return out
 
     def _submit(self, prepared: PreparedRequest) -> RequestHandle:
+        served = prepared.served
         try:
-            return prepared.served.engine.submit(prepared.rows, asyncio.get_running_loop())
+            handle = served.engine.submit(prepared.rows, asyncio.get_running_loop())
         except QueueFull as exc:
             raise ServerOverloaded(
                 f"the server is busy ({exc}); retry shortly", code="queue_full"
             ) from exc
+        self.metrics.prompt_tokens.labels(served.name).inc(prepared.prompt_tokens)
+        if prepared.report.mode == "always":
+            family = served.loaded.family.id
+            for category, weight in prepared.report.categories.items():
+                if weight > 0:
+                    self.metrics.category_applied.labels(family, category).inc()
+        return handle
+
+    def _final_report(self, prepared: PreparedRequest, handle: RequestHandle) -> SafetyReport:
+        """The report with the categories that fired on any of the request's prompts.
+
+        Call once per request, after its first event (the engine sets `fired` at prefill).
+        """
+        report = prepared.report
+        if report.fired is None:
+            return report
+        hits = {name for names in handle.fired if names for name in names}
+        fired = [name for name in report.categories if name in hits]
+        family = prepared.served.loaded.family.id
+        for name in fired:
+            self.metrics.gate_fired.labels(family, name).inc()
+        return report.model_copy(update={"fired": fired})
+
+    def _generated(self, served: ServedModel, completion_tokens: int) -> None:
+        self.metrics.completion_tokens.labels(served.name).inc(completion_tokens)
 
     # ----- endpoints ----------------------------------------------------------------------
     async def chat(
-        self, request: ChatCompletionRequest, raw: Request
+        self, request: ChatCompletionRequest, raw: Request, principal: Principal
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         served = self.registry.get(request.model)
         prepared = self._prepare(
-            served, request, [self._chat_prompt(served, request)], request.token_limit()
+            served,
+            request,
+            [self._chat_prompt(served, request)],
+            request.token_limit(),
+            principal,
         )
         handle = self._submit(prepared)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return self._chat_stream(prepared, handle, include_usage)
         texts, reasons, completion = await _collect(handle, raw)
+        self._generated(served, completion)
         return ChatCompletionResponse(
             model=served.name,
             choices=[
@@ -199,21 +234,26 @@ class OpenAIServing:
                 for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
             ],
             usage=_usage(prepared.prompt_tokens, completion),
-            safety=prepared.report,
+            safety=self._final_report(prepared, handle),
         )
 
     async def completion(
-        self, request: CompletionRequest, raw: Request
+        self, request: CompletionRequest, raw: Request, principal: Principal
     ) -> CompletionResponse | AsyncIterator[str]:
         served = self.registry.get(request.model)
         prepared = self._prepare(
-            served, request, self._completion_prompts(served, request), request.token_limit()
+            served,
+            request,
+            self._completion_prompts(served, request),
+            request.token_limit(),
+            principal,
         )
         handle = self._submit(prepared)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return self._completion_stream(prepared, handle, include_usage)
         texts, reasons, completion = await _collect(handle, raw)
+        self._generated(served, completion)
         return CompletionResponse(
             model=served.name,
             choices=[
@@ -221,7 +261,7 @@ class OpenAIServing:
                 for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
             ],
             usage=_usage(prepared.prompt_tokens, completion),
-            safety=prepared.report,
+            safety=self._final_report(prepared, handle),
         )
 
     # ----- streaming ----------------------------------------------------------------------
@@ -238,15 +278,22 @@ class OpenAIServing:
             return sse(body.model_dump_json(exclude_none=True))
 
         async def events() -> AsyncIterator[str]:
-            yield chunk(
-                [
-                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                    for i in range(len(prepared.rows))
-                ],
-                safety=prepared.report,
-            )
-            completion = 0
+            completion, started, first = 0, time.perf_counter(), True
             async for event in handle.stream():
+                if first:  # after the prefill: the gate has decided
+                    first = False
+                    yield chunk(
+                        [
+                            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                            for i in range(len(prepared.rows))
+                        ],
+                        safety=self._final_report(prepared, handle),
+                    )
+                if started and event.text:
+                    self.metrics.time_to_first_token.labels(name).observe(
+                        time.perf_counter() - started
+                    )
+                    started = 0.0
                 completion += event.completion_tokens if event.finish_reason else 0
                 yield chunk(
                     [
@@ -257,6 +304,7 @@ class OpenAIServing:
                         )
                     ]
                 )
+            self._generated(prepared.served, completion)
             if include_usage:
                 yield chunk([], usage=_usage(prepared.prompt_tokens, completion))
 
@@ -269,8 +317,13 @@ class OpenAIServing:
         name = prepared.served.name
 
         async def events() -> AsyncIterator[str]:
-            completion, first = 0, True
+            completion, first, started = 0, True, time.perf_counter()
             async for event in handle.stream():
+                if started and event.text:
+                    self.metrics.time_to_first_token.labels(name).observe(
+                        time.perf_counter() - started
+                    )
+                    started = 0.0
                 completion += event.completion_tokens if event.finish_reason else 0
                 body = CompletionResponse(
                     id=chunk_id,
@@ -281,10 +334,11 @@ class OpenAIServing:
                             index=event.row, text=event.text, finish_reason=event.finish_reason
                         )
                     ],
-                    safety=prepared.report if first else None,
+                    safety=self._final_report(prepared, handle) if first else None,
                 )
                 first = False
                 yield sse(body.model_dump_json(exclude_none=True))
+            self._generated(prepared.served, completion)
             if include_usage:
                 body = CompletionResponse(
                     id=chunk_id,

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from safesteer.adapters.loading import DEFAULT_MODEL, default_cache_dir
+
+
+def default_state_dir() -> Path:
+    """`$XDG_STATE_HOME/safesteer` (or `~/.local/state/safesteer`)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "safesteer"
 
 
 def builtin_adapter_dir() -> Path:
@@ -63,3 +71,32 @@ class Settings(BaseSettings):
         None, ge=1, description="Torch intra-op threads for model compute (default: torch's)."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as plain text or as JSON objects with request ids."
+    )
+    config: Path | None = Field(
+        None,
+        description="Registry config (TOML): served models, adapters per family, policy. "
+        "Overrides --model/--adapter.",
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Folder for the active-adapter state, the audit log and uploaded adapters.",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="API keys file (TOML, hashed keys with scopes; see `safesteer keys`). "
+        "Without it the server runs in local mode: no auth, loopback only.",
+    )
+    insecure_no_auth: bool = Field(
+        False, description="Allow local mode (no API keys) on a non-loopback address."
+    )
+    trusted_keys_dir: Path | None = Field(
+        None, description="Folder of trusted Ed25519 public keys (<signer>.pub) for adapters."
+    )
+    require_signed_adapters: bool = Field(
+        False, description="Refuse adapters without a valid signature by a trusted key."
+    )
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest adapter accepted by the upload endpoint."
+    )

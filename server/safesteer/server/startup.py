@@ -1,0 +1,188 @@
+"""Startup: models and adapters as the config (or the flags) say, then the saved state.
+
+Without `--config`, the flags describe one served model: `--model`, and `--adapter` or the
+family's built-in adapter from `--adapter-dir` (or none with `--no-adapter`). With a config,
+its `[[models]]` and `[[families]]` say the same for several models. Finally the state file
+restores the adapter an admin activated for each family before a restart, if it still
+verifies and the configured default it replaced is still the configured default (an operator
+who changes the config gets what the config says).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from safesteer.adapters.errors import AdapterError, ModelLoadError
+from safesteer.adapters.loading import LoadedModel, load_model
+from safesteer.adapters.signing import TrustedKeys
+from safesteer.server.adapter_admin import AdapterAdmin
+from safesteer.server.adapter_store import AdapterRecord, AdapterVerifier, FamilyAdapters
+from safesteer.server.config import ModelEntry, RegistryConfig
+from safesteer.server.errors import APIError
+from safesteer.server.registry import ModelRegistry, ServedModel
+from safesteer.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Server:
+    """What the app serves: the registry and the admin service that changes its adapters."""
+
+    registry: ModelRegistry
+    admin: AdapterAdmin
+
+
+def verifier_from_settings(settings: Settings) -> AdapterVerifier:
+    trusted = (
+        TrustedKeys.from_dir(settings.trusted_keys_dir)
+        if settings.trusted_keys_dir is not None
+        else TrustedKeys.empty()
+    )
+    if settings.require_signed_adapters and not trusted.keys:
+        raise AdapterError("--require-signed-adapters needs --trusted-keys-dir with keys")
+    return AdapterVerifier(trusted, require_signed=settings.require_signed_adapters)
+
+
+def find_family_adapter(adapter_dir: Path, family_id: str) -> Path | None:
+    """The built-in adapter file of a family: the first `<dir>/*/*.safetensors` made for it."""
+    from safesteer.adapters.adapter import SafetyAdapter
+
+    for path in sorted(adapter_dir.glob("*/*.safetensors")):
+        try:
+            adapter = SafetyAdapter.load(path)
+        except AdapterError as exc:
+            log.warning("skipping %s: %s", path.name, exc)
+            continue
+        if adapter.metadata.family == family_id:
+            return path
+    return None
+
+
+def _config(settings: Settings) -> RegistryConfig:
+    if settings.config is not None:
+        return RegistryConfig.load(settings.config)
+    name = settings.served_model_name or ""
+    return RegistryConfig(models=[ModelEntry(name=name or "-", source=settings.model)])
+
+
+def _origin(admin: AdapterAdmin, path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(admin.adapter_dir.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _hold(admin: AdapterAdmin, entry: str) -> AdapterRecord:
+    path = Path(entry) if Path(entry).is_absolute() else admin.adapter_dir / entry
+    return admin.hold(path, _origin(admin, path))
+
+
+def _family_adapters(
+    settings: Settings, config: RegistryConfig, admin: AdapterAdmin, family: FamilyAdapters
+) -> None:
+    entry = config.family(family.family.id, family.family.alias)
+    if entry is not None and entry.adapters:
+        records = [_hold(admin, item) for item in entry.adapters]
+        active = records[entry.adapters.index(entry.active)] if entry.active else records[0]
+        family.activate(active.id)
+        return
+    if settings.config is None and settings.adapter is not None:
+        family.activate(_hold(admin, str(settings.adapter.resolve())).id)
+        return
+    if settings.no_adapter:
+        return
+    path = find_family_adapter(admin.adapter_dir, family.family.id)
+    if path is None:
+        raise ModelLoadError(
+            f"no adapter for family {family.family.id} in {admin.adapter_dir}; "
+            "pass --adapter FILE, list one in the config, or --no-adapter"
+        )
+    family.activate(_hold(admin, str(path)).id)
+
+
+def _restore_active(admin: AdapterAdmin) -> None:
+    saved = admin.active_state.read()
+    for family in admin.registry.families:
+        entry = saved.get(family.family.id)
+        if entry is None or (family.active and family.active.id == entry.adapter_id):
+            continue
+        if entry.configured_id != family.configured_id:
+            log.info(
+                "family %s: the configured adapter changed since %s was activated; "
+                "using the configured one",
+                family.family.id,
+                entry.adapter_id,
+            )
+            continue
+        try:
+            record = admin.hold(admin.path_of(entry.origin), entry.origin)
+            if record.file_sha256 != entry.file_sha256 or record.id != entry.adapter_id:
+                raise AdapterError("the file changed since it was activated")
+        except (AdapterError, APIError) as exc:
+            message = exc.message if isinstance(exc, APIError) else str(exc)
+            log.warning(
+                "family %s: not restoring adapter %s from %s: %s",
+                family.family.id,
+                entry.adapter_id,
+                entry.origin,
+                message,
+            )
+            continue
+        family.activate(record.id)
+        log.info("family %s: restored active adapter %s", family.family.id, record.id)
+
+
+def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | None = None) -> Server:
+    """Load models (unless given, as `(name, loaded)`) and adapters; restore saved state.
+
+    Raises:
+        ModelLoadError, AdapterError, ConfigError: anything that keeps the server from serving.
+    """
+    config = _config(settings)
+    if models is None:
+        models = []
+        for entry in config.models:
+            loaded = load_model(entry.source, settings.cache_dir)
+            name = entry.name if settings.config is not None else None
+            models.append((name or settings.served_model_name or loaded.name, loaded))
+    families: dict[str, FamilyAdapters] = {}
+    for _, loaded in models:
+        family_entry = config.family(loaded.family.id, loaded.family.alias)
+        families.setdefault(
+            loaded.family.id,
+            FamilyAdapters(
+                loaded.family, mandatory=family_entry.mandatory if family_entry else None
+            ),
+        )
+    served = [
+        ServedModel(name, loaded, families[loaded.family.id], settings) for name, loaded in models
+    ]
+    registry = ModelRegistry(served)
+    admin = AdapterAdmin(
+        registry,
+        verifier_from_settings(settings),
+        config.adapter_dir or settings.adapter_dir,
+        settings.state_dir,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    for family in families.values():
+        _family_adapters(settings, config, admin, family)
+        family.configured_id = family.active.id if family.active else None
+    pins = {entry.name: entry.adapter for entry in config.models if entry.adapter}
+    for model in served:
+        if model.name in pins:
+            record = _hold(admin, pins[model.name])
+            model.pinned = model.adapters.pin(record.id)
+    _restore_active(admin)
+    for model in served:
+        log.info(
+            "serving %s (family %s, alias %s) with adapter %s",
+            model.name,
+            model.loaded.family.id,
+            model.loaded.family.alias,
+            model.adapter.id if model.adapter else "none",
+        )
+    return Server(registry, admin)
