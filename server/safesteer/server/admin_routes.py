@@ -78,21 +78,19 @@ def upload_adapter(body: UploadRequest, request: Request, who: Admin) -> dict[st
 
 
 @admin_router.post("/families/{family}/activate")
-async def activate_adapter(
+def activate_adapter(
     family: str, body: ActivateRequest, request: Request, who: Admin
 ) -> dict[str, Any]:
     return _summary(admin(request).activate(who.name, family, body.adapter))
 
 
 @admin_router.delete("/families/{family}/adapters/{adapter_id}")
-async def unload_adapter(
-    family: str, adapter_id: str, request: Request, who: Admin
-) -> dict[str, Any]:
+def unload_adapter(family: str, adapter_id: str, request: Request, who: Admin) -> dict[str, Any]:
     return _summary(admin(request).unload(who.name, family, adapter_id))
 
 
 @admin_router.get("/audit")
-async def audit_log(
+def audit_log(
     request: Request, _: Admin, limit: Annotated[int, Query(ge=1, le=10000)] = 100
 ) -> dict[str, Any]:
     return {"entries": admin(request).audit.tail(limit)}

@@ -25,6 +25,7 @@ from safesteer.server.registry import ModelRegistry, ServedModel
 from safesteer.server.settings import Settings
 
 log = logging.getLogger(__name__)
+FLAG_MODEL = "<--model>"  # the config entry standing for --model when there is no config file
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,21 @@ def find_family_adapter(adapter_dir: Path, family_id: str) -> Path | None:
 
 
 def _config(settings: Settings) -> RegistryConfig:
+    """The config file, or the one model the flags describe (named when its model loads)."""
     if settings.config is not None:
         return RegistryConfig.load(settings.config)
-    name = settings.served_model_name or ""
-    return RegistryConfig(models=[ModelEntry(name=name or "-", source=settings.model)])
+    return RegistryConfig(models=[ModelEntry(name=FLAG_MODEL, source=settings.model)])
+
+
+def _load_models(settings: Settings, config: RegistryConfig) -> list[tuple[str, LoadedModel]]:
+    models = []
+    for entry in config.models:
+        loaded = load_model(entry.source, settings.cache_dir)
+        if entry.name == FLAG_MODEL:
+            models.append((settings.served_model_name or loaded.name, loaded))
+        else:
+            models.append((entry.name, loaded))
+    return models
 
 
 def _origin(admin: AdapterAdmin, path: Path) -> str:
@@ -143,11 +155,7 @@ def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | Non
     """
     config = _config(settings)
     if models is None:
-        models = []
-        for entry in config.models:
-            loaded = load_model(entry.source, settings.cache_dir)
-            name = entry.name if settings.config is not None else None
-            models.append((name or settings.served_model_name or loaded.name, loaded))
+        models = _load_models(settings, config)
     families: dict[str, FamilyAdapters] = {}
     for _, loaded in models:
         family_entry = config.family(loaded.family.id, loaded.family.alias)
