@@ -45,3 +45,14 @@ unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Deploy checks (Dockerfile, compose, Kubernetes manifests, Ray Serve): see .ci/deploy-checks.
+.PHONY: deploy-check deploy-lint image
+deploy-check:
+	.ci/deploy-checks
+
+deploy-lint:
+	SAFESTEER_DEPLOY_STATIC_ONLY=1 .ci/deploy-checks
+
+image:
+	docker build -t safesteer:0.1.0 .

@@ -346,3 +346,18 @@ def test_a_changed_configuration_wins_over_the_saved_state(
     third.save(tmp_path / "adapters" / "0" / "adapter.safetensors")  # sorts first: new default
     with TestClient(ops_app()) as client:
         assert active_id(client) == third.id
+
+
+def test_replicas_sharing_a_state_folder_pick_up_an_activation_on_reload(
+    ops_app: Any, strong_adapter: SafetyAdapter, adapter_b: SafetyAdapter
+) -> None:
+    with TestClient(ops_app()) as one, TestClient(ops_app()) as two:
+        activate(one, load_b(one))
+        assert active_id(two) == strong_adapter.id
+        reloaded = two.post("/admin/reload-state")
+        assert [item["id"] for item in reloaded.json()["restored"]] == [adapter_b.id]
+        assert active_id(two) == adapter_b.id
+        assert chat(two)["safety"]["adapter"] == adapter_b.id
+        assert two.post("/admin/reload-state").json()["restored"] == []  # nothing new
+        entries = two.get("/admin/audit").json()["entries"]
+        assert (entries[-1]["action"], entries[-1]["outcome"]) == ("reload", "ok")

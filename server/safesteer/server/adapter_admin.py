@@ -143,6 +143,61 @@ class AdapterAdmin:
             f"this server serves {served}"
         )
 
+    # ----- the state file -------------------------------------------------------------------
+    def restore_active(self, actor: str | None = None) -> list[AdapterSummary]:
+        """Activate what the state file records per family, where it still verifies.
+
+        At startup (no actor) and on `POST /admin/reload-state` (audited), so replicas that
+        share a state folder pick up an activation made on another one. A family is skipped
+        when its configured default changed since the activation, or the file no longer
+        matches the recorded sha256.
+        """
+        restored: list[AdapterSummary] = []
+        saved = self.active_state.read()
+        for family in self.registry.families:
+            entry = saved.get(family.family.id)
+            if entry is None or (family.active and family.active.id == entry.adapter_id):
+                continue
+            if entry.configured_id != family.configured_id:
+                log.info(
+                    "family %s: the configured adapter changed since %s was activated; "
+                    "keeping the configured one",
+                    family.family.id,
+                    entry.adapter_id,
+                )
+                continue
+            try:
+                record = self.hold(self.path_of(entry.origin), entry.origin)
+                if record.file_sha256 != entry.file_sha256 or record.id != entry.adapter_id:
+                    raise AdapterError("the file changed since it was activated")
+            except (AdapterError, APIError) as exc:
+                message = exc.message if isinstance(exc, APIError) else str(exc)
+                log.warning(
+                    "family %s: not restoring adapter %s from %s: %s",
+                    family.family.id,
+                    entry.adapter_id,
+                    entry.origin,
+                    message,
+                )
+                if actor is not None:
+                    self.audit.append(
+                        actor, "reload", "refused", family=family.family.id,
+                        adapter=entry.adapter_id, detail=message,
+                    )  # fmt: skip
+                continue
+            previous, _ = family.activate(record.id)
+            log.info("family %s: restored active adapter %s", family.family.id, record.id)
+            if actor is not None:
+                self.audit.append(
+                    actor, "reload", "ok", family=family.family.id, adapter=record.id,
+                    sha256=record.file_sha256,
+                    detail=f"previous {previous.id if previous else 'none'}",
+                )  # fmt: skip
+                for listener in self.swap_listeners:
+                    listener(family, record)
+            restored.append(summary(record, family.active))
+        return restored
+
     # ----- audited actions ------------------------------------------------------------------
     def list(self) -> dict[str, list[AdapterSummary]]:
         return {

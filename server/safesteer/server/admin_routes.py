@@ -89,6 +89,12 @@ def unload_adapter(family: str, adapter_id: str, request: Request, who: Admin) -
     return _summary(admin(request).unload(who.name, family, adapter_id))
 
 
+@admin_router.post("/reload-state")
+def reload_state(request: Request, who: Admin) -> dict[str, Any]:
+    """Re-read the state file (shared by replicas) and activate what it records."""
+    return {"restored": [_summary(s) for s in admin(request).restore_active(who.name)]}
+
+
 @admin_router.get("/audit")
 def audit_log(
     request: Request, _: Admin, limit: Annotated[int, Query(ge=1, le=10000)] = 100

@@ -20,7 +20,6 @@ from safesteer.adapters.signing import TrustedKeys
 from safesteer.server.adapter_admin import AdapterAdmin
 from safesteer.server.adapter_store import AdapterRecord, AdapterVerifier, FamilyAdapters
 from safesteer.server.config import ModelEntry, RegistryConfig
-from safesteer.server.errors import APIError
 from safesteer.server.registry import ModelRegistry, ServedModel
 from safesteer.server.settings import Settings
 
@@ -115,38 +114,6 @@ def _family_adapters(
     family.activate(_hold(admin, str(path)).id)
 
 
-def _restore_active(admin: AdapterAdmin) -> None:
-    saved = admin.active_state.read()
-    for family in admin.registry.families:
-        entry = saved.get(family.family.id)
-        if entry is None or (family.active and family.active.id == entry.adapter_id):
-            continue
-        if entry.configured_id != family.configured_id:
-            log.info(
-                "family %s: the configured adapter changed since %s was activated; "
-                "using the configured one",
-                family.family.id,
-                entry.adapter_id,
-            )
-            continue
-        try:
-            record = admin.hold(admin.path_of(entry.origin), entry.origin)
-            if record.file_sha256 != entry.file_sha256 or record.id != entry.adapter_id:
-                raise AdapterError("the file changed since it was activated")
-        except (AdapterError, APIError) as exc:
-            message = exc.message if isinstance(exc, APIError) else str(exc)
-            log.warning(
-                "family %s: not restoring adapter %s from %s: %s",
-                family.family.id,
-                entry.adapter_id,
-                entry.origin,
-                message,
-            )
-            continue
-        family.activate(record.id)
-        log.info("family %s: restored active adapter %s", family.family.id, record.id)
-
-
 def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | None = None) -> Server:
     """Load models (unless given, as `(name, loaded)`) and adapters; restore saved state.
 
@@ -184,7 +151,7 @@ def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | Non
         if model.name in pins:
             record = _hold(admin, pins[model.name])
             model.pinned = model.adapters.pin(record.id)
-    _restore_active(admin)
+    admin.restore_active()
     for model in served:
         log.info(
             "serving %s (family %s, alias %s) with adapter %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -19,14 +20,22 @@ UPLOADS_DIR = "uploads"
 
 
 def write_json_atomically(path: Path, payload: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a unique temporary file in the same folder, fsync, then rename over `path`.
+
+    Unique names matter: pods sharing a state volume all run as pid 1.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
