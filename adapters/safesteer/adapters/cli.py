@@ -11,14 +11,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.errors import AdapterError, ModelLoadError
 from safesteer.adapters.extract import (
-    METHODS,
     CategoryDirections,
     ExtractionConfig,
     ProbeReport,
@@ -26,6 +25,13 @@ from safesteer.adapters.extract import (
     extract_directions,
     mix_norm_ratio,
     probe_adapter,
+)
+from safesteer.adapters.extract_prompt import (
+    EXTRACTION_METHODS,
+    PROMPT_METHODS,
+    PromptExtractionConfig,
+    build_prompt_adapter,
+    extract_prompt_directions,
 )
 from safesteer.adapters.gguf_export import ControlVectorExportError, export_control_vector
 from safesteer.adapters.judge import is_refusal
@@ -132,8 +138,7 @@ def _print_probe(report: ProbeReport, show_answers: bool) -> None:
 
 def _run_probe(
     loaded: LoadedModel,
-    directions: CategoryDirections,
-    config: ExtractionConfig,
+    build: Callable[[tuple[int, ...], float], SafetyAdapter],
     settings: list[tuple[tuple[int, ...], float]],
     args: argparse.Namespace,
 ) -> None:
@@ -151,17 +156,78 @@ def _run_probe(
         probe_adapter(loaded, None, probe, label="no steering", **options), args.show_answers
     )
     for layers, scale in settings:
-        adapter = build_adapter(loaded, directions, config, layers=layers, scale=scale)
+        adapter = build(layers, scale)
         label = f"layers {','.join(map(str, sorted(layers)))} @ {scale:g}"
         _print_probe(
             probe_adapter(loaded, adapter, probe, label=label, **options), args.show_answers
         )
 
 
+def _print_layers(directions: CategoryDirections, layers: Sequence[int], scale: float) -> None:
+    for layer in layers:
+        typical = float(directions.typical_norms[layer])
+        agreement = mix_norm_ratio(directions, layer)
+        print(
+            f"layer {layer}: typical norm {typical:.1f}, default mix adds "
+            f"{scale * typical:.1f}, |sum of category unit vectors| "
+            f"{agreement:.2f} of {len(directions.categories)}"
+        )
+
+
+def _prompt_config(args: argparse.Namespace) -> PromptExtractionConfig:
+    return PromptExtractionConfig(
+        method=args.method,
+        layers=args.layers,
+        scale=args.scale,
+        seed=args.seed,
+        categories=args.categories,
+        max_prompts_per_category=args.max_prompts_per_category or None,
+        max_benign_prompts=args.max_benign_prompts or None,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        name=args.name,
+        show_progress=not args.quiet,
+    )
+
+
+def _extract_prompt_side(args: argparse.Namespace) -> int:
+    try:
+        config = _prompt_config(args)
+        settings = [(config.layers, config.scale), *args.probe_grid]
+        loaded = load_model(args.model)
+        started = time.perf_counter()
+        through = max(layer for layers, _ in settings for layer in layers)
+        extraction = extract_prompt_directions(loaded, config, through_layer=through)
+        adapter = build_prompt_adapter(loaded, extraction, config)
+        seconds = time.perf_counter() - started
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sets = extraction.sets
+    print(
+        f"extracted {adapter.id} ({config.method}, {config.pooling} pooling) in {seconds:.0f} s "
+        f"from {len(sets.harmful)} harmful and {len(sets.benign)} benign fit-split prompts"
+    )
+    counts = {c: len(sets.rows(c)) for c in config.categories}
+    print("prompts per category: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    _print_layers(extraction.directions, adapter.layers, config.scale)
+    if args.out is not None:
+        print(f"wrote {adapter.save(args.out)}")
+    if args.probe:
+
+        def build(layers: tuple[int, ...], scale: float) -> SafetyAdapter:
+            return build_prompt_adapter(loaded, extraction, config, layers=layers, scale=scale)
+
+        _run_probe(loaded, build, settings, args)
+    return 0
+
+
 def _extract(args: argparse.Namespace) -> int:
     if args.out is None and not args.probe:
         print("error: give --out FILE, --probe, or both", file=sys.stderr)
         return 2
+    if args.method in PROMPT_METHODS:
+        return _extract_prompt_side(args)
     try:
         config = _extraction_config(args)
         settings = [(config.layers, config.scale), *args.probe_grid]
@@ -179,19 +245,16 @@ def _extract(args: argparse.Namespace) -> int:
     }
     print(f"extracted {adapter.id} in {seconds:.0f} s from {len(directions.pairs)} prompts")
     print("prompts per category: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-    for layer in adapter.layers:
-        typical = float(directions.typical_norms[layer])
-        agreement = mix_norm_ratio(directions, layer)
-        print(
-            f"layer {layer}: typical norm {typical:.1f}, default mix adds "
-            f"{config.scale * typical:.1f}, |sum of category unit vectors| "
-            f"{agreement:.2f} of {len(config.categories)}"
-        )
+    _print_layers(directions, adapter.layers, config.scale)
     if args.out is not None:
         path = adapter.save(args.out)
         print(f"wrote {path}")
     if args.probe:
-        _run_probe(loaded, directions, config, settings, args)
+
+        def build(layers: tuple[int, ...], scale: float) -> SafetyAdapter:
+            return build_adapter(loaded, directions, config, layers=layers, scale=scale)
+
+        _run_probe(loaded, build, settings, args)
     return 0
 
 
@@ -218,8 +281,12 @@ def _add_extract_command(commands: Any) -> None:
             "Extract per-category steering vectors from a model and write a safety adapter. "
             "Method 'contrastive': for each harm category, the mean over its harmful prompts of "
             "(decoder-layer output averaged over a teacher-forced refusal) minus (the same over "
-            "a teacher-forced compliance). Coefficients make the default mix (every category at "
-            "weight 1) add SCALE x the typical residual norm at each chosen layer."
+            "a teacher-forced compliance). Method 'diffmean': the category's harmful prompts' "
+            "mean pooled prompt activation minus the benign prompts' (fit split). Method 'pca': "
+            "the first principal direction of (harmful prompt - matched benign prompt) "
+            "activations, sign-aligned with and scaled to the diffmean direction. Coefficients "
+            "make the default mix (every category at weight 1) add SCALE x the typical residual "
+            "norm at each chosen layer."
         ),
     )
     extract.add_argument(
@@ -232,9 +299,23 @@ def _add_extract_command(commands: Any) -> None:
     )
     extract.add_argument(
         "--method",
-        choices=METHODS,
+        choices=EXTRACTION_METHODS,
         default="contrastive",
-        help="extraction method (default contrastive; the only one so far)",
+        help="contrastive (responses, teacher-forced), diffmean or pca (prompts only, fit "
+        "split; much faster) (default contrastive)",
+    )
+    extract.add_argument(
+        "--pooling",
+        choices=("last", "mean"),
+        default="last",
+        help="diffmean/pca: pool each prompt's activations at its last token or over its "
+        "tokens (default last)",
+    )
+    extract.add_argument(
+        "--max-benign-prompts",
+        type=int,
+        default=0,
+        help="diffmean/pca: cap on benign fit-split prompts, seeded; 0 for all (default 0)",
     )
     extract.add_argument(
         "--layers",
