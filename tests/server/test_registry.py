@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from tiny_chat import tiny_loaded_model
 
-from safesteer.adapters.adapter import SafetyAdapter
+from safesteer.adapters.adapter import AdapterMetadata, CategorySpec, SafetyAdapter
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.signing import generate_keypair, sign_file
+from safesteer.server.adapter_store import FamilyAdapters
 from safesteer.server.app import create_app
 from safesteer.server.cli import main
 from safesteer.server.config import ConfigError, RegistryConfig
@@ -233,3 +235,30 @@ def test_the_example_config_is_valid() -> None:
     for family in config.families:
         for adapter in family.adapters:
             SafetyAdapter.load(config.adapter_dir / adapter)
+
+
+def test_a_family_can_merge_its_categories_orthogonally(loaded: LoadedModel) -> None:
+    """Two categories with one shared vector: `orthogonal` counts it once, `naive` twice."""
+    vector = torch.randn(loaded.family.hidden_size)
+    specs = {c: CategorySpec(c) for c in ("violence", "fraud")}
+    adapter = SafetyAdapter(
+        AdapterMetadata.for_family("shared", loaded.family, specs),
+        {c: {1: vector} for c in specs},
+        {c: {1: 1.0} for c in specs},
+    )
+    tables = {}
+    for scheme in ("naive", "orthogonal"):
+        store = FamilyAdapters(loaded.family, merge=scheme)
+        basis = store.add(adapter, origin="x", file_sha256="0", signer=None).basis
+        tables[scheme] = basis.table(torch.tensor([[1.0, 1.0]]))[0, 1]
+    assert torch.allclose(tables["naive"], 2 * vector)
+    assert torch.allclose(tables["orthogonal"], vector, atol=1e-5)
+
+
+def test_an_unknown_merge_scheme_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "merge.toml"
+    path.write_text(
+        "[[models]]\nname = 'x'\nsource = 'y'\n[[families]]\nfamily = 'f'\nmerge = 'average'\n"
+    )
+    with pytest.raises(ConfigError, match="merge"):
+        RegistryConfig.load(path)

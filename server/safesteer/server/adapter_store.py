@@ -18,6 +18,7 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.errors import AdapterError
 from safesteer.adapters.family import ModelFamily
 from safesteer.adapters.gating import PromptGate
+from safesteer.adapters.merging import MergingBasis
 from safesteer.adapters.signing import (
     Signature,
     SignatureError,
@@ -100,9 +101,11 @@ class FamilyAdapters:
         *,
         device: torch.device | str = "cpu",
         mandatory: dict[str, float] | None = None,
+        merge: str = "naive",
     ) -> None:
         self.family = family
         self.device = device
+        self.merge = merge
         self.layers = tuple(range(family.num_layers))
         self.mandatory = dict(mandatory or {})
         self._records: dict[str, AdapterRecord] = {}
@@ -147,7 +150,10 @@ class FamilyAdapters:
             held = self._records.get(adapter.id)
             if held is not None:
                 return held
-            basis = SteeringBasis.from_adapter(adapter, device=self.device, layers=self.layers)
+            basis = MergingBasis.of(
+                SteeringBasis.from_adapter(adapter, device=self.device, layers=self.layers),
+                self.merge,
+            )
             gate = (
                 PromptGate.from_adapter(adapter, device=self.device)
                 if adapter.metadata.gate is not None

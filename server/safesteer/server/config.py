@@ -10,6 +10,7 @@
     adapters = ["smollm2-135m/safety.safetensors"]
     active = "smollm2-135m/safety.safetensors"        # default: the first
     mandatory = { violence = 1.0 }         # floors no client or override key can go below
+    merge = "naive"                        # or "orthogonal" / "ties": see adapters.merging
 
 Adapter paths are relative to the adapter folder (`adapter_dir`, default the server's
 `--adapter-dir`; a relative `adapter_dir` is relative to the config file).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,6 +46,8 @@ class FamilyEntry(_Strict):
     adapters: list[str] = Field(default_factory=list)
     active: str | None = None
     mandatory: dict[str, float] = Field(default_factory=dict)
+    # How the vectors of several categories on for one row combine (safesteer.adapters.merging).
+    merge: Literal["naive", "orthogonal", "ties"] = "naive"
 
     @model_validator(mode="after")
     def _consistent(self) -> FamilyEntry:

@@ -129,7 +129,9 @@ def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | Non
         families.setdefault(
             loaded.family.id,
             FamilyAdapters(
-                loaded.family, mandatory=family_entry.mandatory if family_entry else None
+                loaded.family,
+                mandatory=family_entry.mandatory if family_entry else None,
+                merge=family_entry.merge if family_entry else "naive",
             ),
         )
     served = [
