@@ -29,6 +29,8 @@ from serving_bench import BUILTIN_ADAPTER, PROMPTS, ServerProcess, free_port, pe
 from safesteer.adapters.adapter import SafetyAdapter
 
 TARGET_P99_MS = 100.0
+MIN_REQUESTS_PER_WORKER = 2
+STAGGER_S = 0.4
 FAMILY = "smollm2-135m"
 
 
@@ -84,9 +86,13 @@ class Load:
                 self.adapters.add(adapter)
 
     def _work(self, worker: int) -> None:
+        # Every worker sends at least two requests, so some are admitted during the swaps
+        # (not only before them) however slow the machine is.
+        time.sleep(worker * STAGGER_S)  # spread admissions over time, not one wave
         with httpx.Client(base_url=self.url, timeout=120) as client:
-            index = worker
-            while not self.stop.is_set():
+            index, sent = worker, 0
+            while not self.stop.is_set() or sent < MIN_REQUESTS_PER_WORKER:
+                sent += 1
                 try:
                     self._one(client, index)
                 except (httpx.HTTPError, RuntimeError) as exc:
@@ -102,7 +108,7 @@ class Load:
     def __exit__(self, *_: object) -> None:
         self.stop.set()
         for thread in self.threads:
-            thread.join(timeout=180)
+            thread.join(timeout=300)
 
 
 def main(argv: list[str] | None = None) -> int:
