@@ -101,7 +101,7 @@ def test_chat_stream_and_completions(client: openai.OpenAI) -> None:
 
 
 def test_category_toggles_change_the_output(client: openai.OpenAI) -> None:
-    steered = ask(client, HARMFUL)
+    steered = ask(client, HARMFUL, {"mode": "always"})
     unsteered = ask(client, HARMFUL, {"categories": {}, "strength": 0})
     weapons_only = ask(
         client, HARMFUL, {"categories": {"weapons": 4.0}, "strength": 1.0, "mode": "always"}
@@ -110,6 +110,14 @@ def test_category_toggles_change_the_output(client: openai.OpenAI) -> None:
     assert len(texts) == 3
     assert steered.model_dump()["safety"]["categories"]["weapons"] == 1.0
     assert weapons_only.model_dump()["safety"]["categories"]["weapons"] == 4.0
+
+
+def test_default_mode_follows_the_adapter(client: openai.OpenAI) -> None:
+    report = ask(client, HARMFUL).model_dump()["safety"]
+    assert report["mode"] in ("gated", "always")
+    if report["mode"] == "gated":  # the built-in adapter has a gate: it says what fired
+        assert isinstance(report["fired"], list)
+        assert set(report["fired"]) <= set(report["categories"])
 
 
 def test_mode_off_equals_plain_transformers_greedy(client: openai.OpenAI) -> None:
