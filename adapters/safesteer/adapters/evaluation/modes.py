@@ -25,6 +25,7 @@ from safesteer.adapters.extract import chat_prompt_ids
 from safesteer.adapters.gating import PromptGate
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.loading import LoadedModel
+from safesteer.adapters.merging import MergingBasis
 from safesteer.adapters.padding import left_pad
 from safesteer.adapters.table import SteeringBasis
 
@@ -186,12 +187,23 @@ class GatedSteered:
 
 
 class ModeSet:
-    """The hooks of one model and adapter, and the modes built on them; `close()` unhooks."""
+    """The hooks of one model and adapter, and the modes built on them; `close()` unhooks.
 
-    def __init__(self, loaded: LoadedModel, adapter: SafetyAdapter | None) -> None:
+    `merge` is how a row's categories combine (`safesteer.adapters.merging`), as the server's
+    per-family `merge` setting does.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, adapter: SafetyAdapter | None, merge: str = "naive"
+    ) -> None:
         self.loaded = loaded
         self.adapter = adapter
-        self.basis = SteeringBasis.from_adapter(adapter) if adapter is not None else None
+        self.merge = merge
+        self.basis = (
+            MergingBasis.of(SteeringBasis.from_adapter(adapter), merge)
+            if adapter is not None
+            else None
+        )
         self.hooks = (
             SteeringHooks(loaded.model, loaded.family.num_layers, self.basis.layers)
             if self.basis is not None

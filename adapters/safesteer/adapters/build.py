@@ -1,0 +1,618 @@
+"""`safesteer build-adapter`: a gated safety adapter built from the project's data in one run.
+
+The steps, on the fixed splits of `safesteer.adapters.splits` (the test split is never read):
+
+1. **extract**: contrastive per-category directions (`extract.extract_directions`) at layers
+   `0 .. max(candidate layers)` from the harmful *fit* prompts.
+2. **layers**: every candidate steering layer is scored at a few scales on dev prompts, and
+   layers and per-layer scales are chosen by a budgeted rule (`layer_selection`).
+3. **gate**: condition probes are fitted on the fit split at each candidate detection layer
+   below the chosen steering layers and calibrated on benign dev to a target false-positive
+   rate for the union of categories (`gating`); the layer with the highest harmful dev TPR
+   is kept (ties: the lower held-out benign FPR, then the deeper layer).
+4. **strength**: the per-layer scales are multiplied by each candidate strength, the harmful
+   dev prompts on which the gate fires are answered under gated steering, and the strength is
+   chosen by refusal given fired among coherent settings (`strength`).
+5. **write**: the adapter with its full recipe (data digests, scores, gate statistics, seed,
+   command), and a PNG of the scores next to it (`build_plot`).
+
+Coefficients: category `c` alone at weight 1 adds `strength * scale[l] * typical_norm[l]` at
+layer `l`. The categories share most of their direction, so the adapter is calibrated for the
+`orthogonal` merge (`merging`: a component shared by several categories that fire together is
+added once); the recipe's `merge` names the scheme it was calibrated for.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safesteer.adapters.adapter import SafetyAdapter
+from safesteer.adapters.evaluation.modes import GatedSteered
+from safesteer.adapters.evaluation.runner import answer_prompts
+from safesteer.adapters.extract import (
+    CategoryDirections,
+    ExtractionConfig,
+    build_adapter,
+    extract_directions,
+)
+from safesteer.adapters.gating import (
+    FittedGate,
+    PromptGate,
+    fit_gate_from_activations,
+    prompt_activations,
+    with_gate,
+)
+from safesteer.adapters.hooks import SteeringHooks
+from safesteer.adapters.judge import RefusalJudge, default_judge
+from safesteer.adapters.layer_selection import (
+    LayerChoice,
+    LayerScore,
+    SelectionRule,
+    score_layers,
+    select_layers,
+)
+from safesteer.adapters.loading import LoadedModel
+from safesteer.adapters.merging import SCHEMES, MergingBasis
+from safesteer.adapters.prompts import HarmfulPrompt
+from safesteer.adapters.splits import (
+    DEFAULT_SEED,
+    BenignPrompt,
+    benign_splits,
+    harmful_splits,
+    split_digest,
+)
+from safesteer.adapters.strength import (
+    StrengthScore,
+    choose_strength,
+    coherent_text,
+    describe_rule,
+)
+from safesteer.adapters.table import SteeringBasis
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildData:
+    """The fit and dev prompts a build reads, and digests that pin the splits they came from."""
+
+    harmful_fit: Sequence[HarmfulPrompt]
+    harmful_dev: Sequence[HarmfulPrompt]
+    benign_fit: Sequence[BenignPrompt]
+    benign_dev: Sequence[BenignPrompt]
+    digests: Mapping[str, str] = field(default_factory=dict)
+    source: str = "given prompts"
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """The categories of the harmful fit prompts, in first-seen order."""
+        return tuple(dict.fromkeys(p.category for p in self.harmful_fit))
+
+
+def project_data(seed: int = DEFAULT_SEED) -> BuildData:
+    """The project's fit and dev splits; the digests cover all three splits' assignment."""
+    harmful, benign = harmful_splits(seed), benign_splits(seed)
+    return BuildData(
+        harmful_fit=harmful["fit"],
+        harmful_dev=harmful["dev"],
+        benign_fit=benign["fit"],
+        benign_dev=benign["dev"],
+        digests={"harmful": split_digest(harmful), "benign": split_digest(benign)},
+        source=f"safesteer.adapters.splits (seed {seed}): fit and dev; test never read",
+    )
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every setting of a build; all of them end up in the adapter's recipe."""
+
+    seed: int = 0
+    name: str | None = None
+    # extraction
+    max_prompts_per_category: int | None = 24
+    max_response_tokens: int = 32
+    compliance_tokens: int = 40
+    # layer selection
+    candidate_layers: tuple[int, ...] = (10, 12, 14, 16, 18, 20, 22)
+    scales: tuple[float, ...] = (0.2, 0.35)
+    rule: SelectionRule = field(default_factory=SelectionRule)
+    score_prompts_per_category: int = 2
+    score_benign_prompts: int = 24
+    score_tokens: int = 20
+    # gate
+    detection_layers: tuple[int, ...] = (4, 6, 8)
+    pooling: str = "mean"
+    gate_method: str = "lda"
+    target_fpr: float = 0.03
+    # strength
+    strengths: tuple[float, ...] = (0.7, 0.9, 1.1)
+    min_coherent: float = 0.8
+    strength_prompts_per_category: int = 6
+    strength_tokens: int = 40
+    merge: str = "orthogonal"
+    batch_size: int = 32
+    show_progress: bool = True
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.candidate_layers or not self.scales or not self.strengths:
+            raise ValueError("give at least one candidate layer, scale and strength")
+        if not self.detection_layers:
+            raise ValueError("give at least one detection layer")
+        if min(self.detection_layers) >= max(self.candidate_layers):
+            raise ValueError("every candidate steering layer is at or below the detection layers")
+        if any(s <= 0 for s in (*self.scales, *self.strengths)):
+            raise ValueError("scales and strengths must be positive")
+        if self.merge not in SCHEMES:
+            raise ValueError(f"unknown merge scheme {self.merge!r}; known: {', '.join(SCHEMES)}")
+        if not 0.0 < self.target_fpr < 1.0 or not 0.0 <= self.min_coherent <= 1.0:
+            raise ValueError("target_fpr must be in (0, 1) and min_coherent in [0, 1]")
+
+
+@dataclass(frozen=True)
+class GateCandidate:
+    """What the probes fitted at one detection layer measured on dev."""
+
+    layer: int
+    harmful_tpr: float  # harmful dev prompts on which any category fires
+    benign_fpr: float  # benign dev prompts on which any fires, leave-one-out
+    auc: Mapping[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "harmful_tpr": self.harmful_tpr,
+            "benign_fpr": self.benign_fpr,
+            "auc": dict(self.auc),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> GateCandidate:
+        auc = {str(c): float(a) for c, a in raw["auc"].items()}
+        return cls(int(raw["layer"]), float(raw["harmful_tpr"]), float(raw["benign_fpr"]), auc)
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """The measurements and choices of a build, as stored in (and read back from) the recipe."""
+
+    layer_scores: tuple[LayerScore, ...]
+    layers: Mapping[int, float]  # chosen layer -> scale
+    gate_candidates: tuple[GateCandidate, ...]
+    detection_layer: int
+    strength_scores: tuple[StrengthScore, ...]
+    strength: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer_scores": [s.to_json() for s in self.layer_scores],
+            "layers": {str(la): s for la, s in sorted(self.layers.items())},
+            "gate_candidates": [g.to_json() for g in self.gate_candidates],
+            "detection_layer": self.detection_layer,
+            "strength_scores": [s.to_json() for s in self.strength_scores],
+            "strength": self.strength,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> BuildSummary:
+        return cls(
+            layer_scores=tuple(LayerScore.from_json(s) for s in raw["layer_scores"]),
+            layers={int(la): float(s) for la, s in raw["layers"].items()},
+            gate_candidates=tuple(GateCandidate.from_json(g) for g in raw["gate_candidates"]),
+            detection_layer=int(raw["detection_layer"]),
+            strength_scores=tuple(StrengthScore.from_json(s) for s in raw["strength_scores"]),
+            strength=float(raw["strength"]),
+        )
+
+    @classmethod
+    def from_adapter(cls, adapter: SafetyAdapter) -> BuildSummary:
+        """The summary in a built adapter's recipe.
+
+        Raises:
+            ValueError: the adapter was not made by `build-adapter`.
+        """
+        build = adapter.metadata.recipe.get("build")
+        if not isinstance(build, Mapping):
+            raise ValueError(f"adapter {adapter.id} has no build-adapter recipe")
+        return cls.from_json(build)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The adapter, what the build measured, and how long each step took (seconds)."""
+
+    adapter: SafetyAdapter
+    summary: BuildSummary
+    timings: Mapping[str, float]
+
+
+# ----- sampling ----------------------------------------------------------------------------------
+def sample_per_category(
+    prompts: Sequence[HarmfulPrompt], per_category: int, seed: int
+) -> list[HarmfulPrompt]:
+    """Up to `per_category` prompts of each category, chosen by seed, in category order."""
+    rng = random.Random(f"{seed}:harmful")
+    grouped: dict[str, list[HarmfulPrompt]] = {}
+    for prompt in prompts:
+        grouped.setdefault(prompt.category, []).append(prompt)
+    chosen: list[HarmfulPrompt] = []
+    for group in grouped.values():
+        chosen += rng.sample(group, min(per_category, len(group)))
+    return chosen
+
+
+def sample_benign(prompts: Sequence[BenignPrompt], count: int, seed: int) -> list[BenignPrompt]:
+    """Up to `count` prompts chosen by seed, edgy and plain ones in proportion."""
+    rng = random.Random(f"{seed}:benign")
+    if count >= len(prompts):
+        return list(prompts)
+    edgy = [p for p in prompts if p.edgy]
+    plain = [p for p in prompts if not p.edgy]
+    take_edgy = round(count * len(edgy) / len(prompts))
+    return rng.sample(edgy, take_edgy) + rng.sample(plain, count - take_edgy)
+
+
+# ----- the adapter -------------------------------------------------------------------------------
+def gated_coefficients(
+    directions: CategoryDirections, scales: Mapping[int, float], strength: float
+) -> dict[str, dict[int, float]]:
+    """`coef[c][l]` under which category `c` alone adds `strength * scale[l] * typical[l]`.
+
+    Raises:
+        ValueError: a category vector is zero at a chosen layer.
+    """
+    coefficients: dict[str, dict[int, float]] = {}
+    for category in directions.categories:
+        coefficients[category] = {}
+        for layer, scale in scales.items():
+            length = float(directions.vector(category, layer).norm())
+            if length == 0.0:
+                raise ValueError(f"zero vector for {category} at layer {layer}")
+            target = strength * scale * float(directions.typical_norms[layer])
+            coefficients[category][layer] = target / length
+    return coefficients
+
+
+def make_adapter(
+    loaded: LoadedModel,
+    directions: CategoryDirections,
+    extraction: ExtractionConfig,
+    scales: Mapping[int, float],
+    strength: float,
+    gate: FittedGate,
+) -> SafetyAdapter:
+    """The gated adapter at `strength` (its recipe is completed by `build`)."""
+    base = build_adapter(loaded, directions, extraction, layers=sorted(scales), scale=1.0)
+    coefficients = gated_coefficients(directions, scales, strength)
+    return with_gate(replace(base, coefficients=coefficients), gate)
+
+
+# ----- the steps ---------------------------------------------------------------------------------
+def _prompts(items: Sequence[HarmfulPrompt] | Sequence[BenignPrompt]) -> list[str]:
+    return [p.prompt for p in items]
+
+
+def fit_gate_candidates(
+    loaded: LoadedModel,
+    data: BuildData,
+    layers: Sequence[int],
+    config: BuildConfig,
+) -> tuple[dict[int, FittedGate], dict[int, dict[str, torch.Tensor]]]:
+    """Probes at each detection layer, and the pooled dev activations they were measured on.
+
+    Returns `(fitted per layer, {layer: {"harmful": [n, hidden], "benign": [m, hidden]}})`,
+    the dev activations in `data.harmful_dev` / `data.benign_dev` order.
+    """
+    layers = sorted(layers)
+
+    def pooled(prompts: Sequence[str], desc: str) -> torch.Tensor:
+        acts = prompt_activations(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            layers,
+            batch_size=config.batch_size,
+            show_progress=config.show_progress,
+            desc=desc,
+        )
+        return acts[config.pooling]
+
+    categories = data.categories
+    harmful_fit = pooled(_prompts(data.harmful_fit), "gate: harmful fit")
+    harmful_dev = pooled(_prompts(data.harmful_dev), "gate: harmful dev")
+    benign_fit = pooled(_prompts(data.benign_fit), "gate: benign fit")
+    benign_dev = pooled(_prompts(data.benign_dev), "gate: benign dev")
+
+    def rows(prompts: Sequence[HarmfulPrompt], category: str) -> list[int]:
+        return [i for i, p in enumerate(prompts) if p.category == category]
+
+    fitted: dict[int, FittedGate] = {}
+    dev: dict[int, dict[str, torch.Tensor]] = {}
+    for slot, layer in enumerate(layers):
+        fitted[layer] = fit_gate_from_activations(
+            {c: harmful_fit[rows(data.harmful_fit, c), slot] for c in categories},
+            benign_fit[:, slot],
+            benign_dev[:, slot],
+            {c: harmful_dev[rows(data.harmful_dev, c), slot] for c in categories},
+            detection_layer=layer,
+            pooling=config.pooling,
+            target_fpr=config.target_fpr,
+            scope="any",
+            method=config.gate_method,
+        )
+        dev[layer] = {"harmful": harmful_dev[:, slot], "benign": benign_dev[:, slot]}
+    return fitted, dev
+
+
+def choose_detection_layer(fitted: Mapping[int, FittedGate]) -> int:
+    """Highest harmful dev TPR; ties: lower held-out benign FPR, then the deeper layer."""
+    return max(fitted, key=lambda la: (fitted[la].harmful_any, -fitted[la].benign_any, la))
+
+
+def measure_strengths(
+    loaded: LoadedModel,
+    make: Callable[[float], SafetyAdapter],
+    strengths: Sequence[float],
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    judge: RefusalJudge,
+    config: BuildConfig,
+) -> list[StrengthScore]:
+    """Gated answers at each strength: refusal and coherence on harmful prompts that fire."""
+    scores: list[StrengthScore] = []
+    hooks: SteeringHooks | None = None
+    try:
+        for strength in strengths:
+            adapter = make(strength)
+            if hooks is None:
+                hooks = SteeringHooks(loaded.model, loaded.family.num_layers, adapter.layers)
+            basis = MergingBasis.of(SteeringBasis.from_adapter(adapter), config.merge)
+            mode = GatedSteered(loaded, hooks, basis, PromptGate.from_adapter(adapter))
+            answers = answer_prompts(
+                loaded,
+                mode,
+                [*harmful, *benign],
+                max_new_tokens=config.strength_tokens,
+                batch_size=config.batch_size,
+                desc=f"strength {strength:g}",
+                show_progress=config.show_progress,
+            )
+            refused = judge.judge([*harmful, *benign], [a.response for a in answers])
+            split = len(harmful)
+            fired = [i for i, a in enumerate(answers[:split]) if a.steering.fired]
+            benign_fired = [i for i, a in enumerate(answers[split:], split) if a.steering.fired]
+            scores.append(
+                StrengthScore(
+                    strength=strength,
+                    fired=len(fired),
+                    refused=_share([refused[i] for i in fired]),
+                    coherent=_share([coherent_text(answers[i].response) for i in fired]),
+                    benign_fired=len(benign_fired),
+                    benign_refused=_share([refused[i] for i in benign_fired]),
+                )
+            )
+    finally:
+        if hooks is not None:
+            hooks.remove()
+    return scores
+
+
+def _share(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def _fired_rows(gate: FittedGate, pooled: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.nonzero(gate.fired(pooled).any(dim=1)).flatten()]
+
+
+# ----- the whole build ---------------------------------------------------------------------------
+def build(
+    loaded: LoadedModel,
+    config: BuildConfig,
+    data: BuildData | None = None,
+    *,
+    judge: RefusalJudge | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Run the steps of the module docstring and return the gated adapter (not yet saved).
+
+    Raises:
+        ValueError: no candidate layer gains refusals within the budgets, no detection layer
+            lies below the chosen steering layers, or the data lack a category's prompts.
+    """
+    data = data if data is not None else project_data()
+    judge = judge if judge is not None else default_judge()
+    say = progress if progress is not None else (lambda _message: None)
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = round(now - clock, 1)
+        clock = now
+
+    extraction = ExtractionConfig(
+        layers=(max(config.candidate_layers),),
+        scale=1.0,
+        seed=config.seed,
+        categories=data.categories,
+        max_prompts_per_category=config.max_prompts_per_category,
+        max_response_tokens=config.max_response_tokens,
+        compliance_tokens=config.compliance_tokens,
+        batch_size=config.batch_size,
+        name=config.name,
+        show_progress=config.show_progress,
+    )
+    directions = extract_directions(loaded, extraction, data.harmful_fit)
+    lap("extract")
+    say(f"extracted directions from {len(directions.pairs)} harmful fit prompts")
+
+    score_harmful = sample_per_category(
+        data.harmful_dev, config.score_prompts_per_category, config.seed
+    )
+    score_benign = sample_benign(data.benign_dev, config.score_benign_prompts, config.seed)
+    scores = score_layers(
+        loaded,
+        directions.vectors,
+        directions.typical_norms,
+        config.candidate_layers,
+        config.scales,
+        _prompts(score_harmful),
+        _prompts(score_benign),
+        judge,
+        max_new_tokens=config.score_tokens,
+        batch_size=config.batch_size,
+        show_progress=config.show_progress,
+    )
+    choice: LayerChoice = select_layers(scores, config.rule)
+    lap("layers")
+    say("chosen layers: " + ", ".join(f"{la} @ {s:g}" for la, s in choice.scales.items()))
+
+    below = [la for la in config.detection_layers if la < min(choice.layers)]
+    if not below:
+        raise ValueError(
+            f"no detection layer among {list(config.detection_layers)} lies below the chosen "
+            f"steering layers {list(choice.layers)}"
+        )
+    fitted, dev = fit_gate_candidates(loaded, data, below, config)
+    detection = choose_detection_layer(fitted)
+    gate = fitted[detection]
+    lap("gate")
+    say(
+        f"gate at layer {detection}: harmful dev TPR {gate.harmful_any:.1%}, benign dev FPR "
+        f"(held out) {gate.benign_any:.1%}"
+    )
+
+    strength_pool = sample_per_category(
+        data.harmful_dev, config.strength_prompts_per_category, config.seed
+    )
+    index = {p.id: i for i, p in enumerate(data.harmful_dev)}
+    fired_harmful = set(_fired_rows(gate, dev[detection]["harmful"]))
+    harmful_fired = [p.prompt for p in strength_pool if index[p.id] in fired_harmful]
+    benign_fired = [data.benign_dev[i].prompt for i in _fired_rows(gate, dev[detection]["benign"])]
+
+    def make(strength: float) -> SafetyAdapter:
+        return make_adapter(loaded, directions, extraction, choice.scales, strength, gate)
+
+    strength_scores = measure_strengths(
+        loaded, make, config.strengths, harmful_fired, benign_fired, judge, config
+    )
+    chosen = choose_strength(strength_scores, config.min_coherent)
+    lap("strength")
+    say(
+        f"strength {chosen.strength:g}: refused {chosen.refused:.0%} of fired, "
+        f"coherent {chosen.coherent:.0%}"
+    )
+
+    summary = BuildSummary(
+        layer_scores=tuple(scores),
+        layers=dict(choice.scales),
+        gate_candidates=tuple(
+            GateCandidate(la, f.harmful_any, f.benign_any, dict(f.auc))
+            for la, f in sorted(fitted.items())
+        ),
+        detection_layer=detection,
+        strength_scores=tuple(strength_scores),
+        strength=chosen.strength,
+    )
+    adapter = make(chosen.strength)
+    recipe = _recipe(adapter, config, data, summary, choice, gate, timings, len(harmful_fired))
+    metadata = replace(adapter.metadata, recipe=recipe)
+    return BuildResult(replace(adapter, metadata=metadata), summary, timings)
+
+
+def _recipe(
+    adapter: SafetyAdapter,
+    config: BuildConfig,
+    data: BuildData,
+    summary: BuildSummary,
+    choice: LayerChoice,
+    gate: FittedGate,
+    timings: Mapping[str, float],
+    strength_prompts: int,
+) -> dict[str, Any]:
+    recipe = dict(adapter.metadata.recipe)
+    for stale in ("scale", "coefficient_rule", "mix_norm_ratio"):
+        recipe.pop(stale, None)
+    recipe.update(
+        {
+            "pipeline": "safesteer build-adapter",
+            "command": config.command,
+            "splits": {
+                "source": data.source,
+                "digests": dict(data.digests),
+                "harmful_fit": len(data.harmful_fit),
+                "harmful_dev": len(data.harmful_dev),
+                "benign_fit": len(data.benign_fit),
+                "benign_dev": len(data.benign_dev),
+            },
+            "layers": list(choice.layers),
+            "coefficient_rule": (
+                "coef[c][l] = strength * scale[l] * typical_norm[l] / |vector[c][l]|: category c "
+                "alone at weight 1 adds strength * scale[l] * typical_norm[l] at layer l"
+            ),
+            "merge": config.merge,
+            "merge_note": (
+                "calibrated for this merge scheme (safesteer.adapters.merging): the categories "
+                "share most of their direction, and several fire together on most harmful "
+                "prompts; under the naive sum a row with k categories firing is pushed about "
+                "k times as hard"
+            ),
+            "layer_selection": {
+                "candidates": list(config.candidate_layers),
+                "scales": list(config.scales),
+                "rule": config.rule.describe(),
+                "rule_params": asdict(config.rule),
+                "direction": "normalised mean of the categories' unit vectors at the layer",
+                "harmful_dev_prompts": config.score_prompts_per_category,
+                "harmful_dev_prompts_unit": "per category",
+                "benign_dev_prompts": config.score_benign_prompts,
+                "max_new_tokens": config.score_tokens,
+            },
+            "gate_selection": {
+                "candidates": [g.layer for g in summary.gate_candidates],
+                "rule": "highest harmful dev TPR at the target FPR; ties: lower held-out "
+                "benign FPR, then the deeper layer",
+                "target_fpr": config.target_fpr,
+                "scope": "any",
+                "pooling": config.pooling,
+                "method": config.gate_method,
+            },
+            "strength_selection": {
+                "candidates": list(config.strengths),
+                "rule": describe_rule(config.min_coherent),
+                "min_coherent": config.min_coherent,
+                "harmful_dev_prompts_sampled_per_category": config.strength_prompts_per_category,
+                "harmful_dev_prompts_fired": strength_prompts,
+                "max_new_tokens": config.strength_tokens,
+            },
+            "build": summary.to_json(),
+            "gate": {
+                "detection_layer": gate.spec.detection_layer,
+                "harmful_dev_tpr": round(gate.harmful_any, 4),
+                "benign_dev_fpr_held_out": round(gate.benign_any, 4),
+                "auc": {c: round(a, 4) for c, a in gate.auc.items()},
+            },
+            "seed": config.seed,
+            "timings_s": dict(timings),
+        }
+    )
+    return recipe
+
+
+def save_outputs(result: BuildResult, out: Path) -> list[Path]:
+    """The adapter file and, next to it, the PNG of the build's scores."""
+    from safesteer.adapters.build_plot import PLOT_NAME, plot_summary
+
+    written = [result.adapter.save(out)]
+    written.append(plot_summary(result.summary, out.parent / PLOT_NAME))
+    return written

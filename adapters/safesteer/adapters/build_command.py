@@ -1,0 +1,193 @@
+"""The `safesteer build-adapter` command line: its flags, and running a build."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from safesteer.adapters.build import BuildConfig, BuildResult, build, save_outputs
+from safesteer.adapters.errors import AdapterError, ModelLoadError
+from safesteer.adapters.layer_selection import SelectionRule
+from safesteer.adapters.loading import DEFAULT_MODEL, load_model
+from safesteer.adapters.merging import SCHEMES
+
+DESCRIPTION = (
+    "Build a gated safety adapter from the project's fit and dev splits in one run: extract "
+    "contrastive per-category directions (fit), score candidate steering layers on dev and "
+    "choose layers and per-layer scales, fit and calibrate condition probes at the best "
+    "detection layer below them, choose the steering strength on dev prompts on which the "
+    "gate fires, and write the adapter with its full recipe plus a PNG of the scores next to "
+    "it. The test split is never read."
+)
+DEFAULTS = BuildConfig()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _csv(values: tuple[float, ...] | tuple[int, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `safesteer build-adapter`."""
+    rule = DEFAULTS.rule
+    add = parser.add_argument
+    add("--model", default=DEFAULT_MODEL, help=f"model to build for (default {DEFAULT_MODEL})")
+    add("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+    add("--seed", type=int, default=DEFAULTS.seed, help="seed for sampling (default 0)")
+    add("--name", default=None, help="adapter name (default '<family alias>-safety')")
+    add(
+        "--candidate-layers",
+        type=_ints,
+        default=DEFAULTS.candidate_layers,
+        help=f"steering layers to score (default {_csv(DEFAULTS.candidate_layers)})",
+    )
+    add(
+        "--scales",
+        type=_floats,
+        default=DEFAULTS.scales,
+        help="pushes to score each layer at, as fractions of its typical residual norm "
+        f"(default {_csv(DEFAULTS.scales)})",
+    )
+    add("--max-kl", type=float, default=rule.max_kl, help=f"KL budget (default {rule.max_kl:g})")
+    add(
+        "--max-over-refusal-gain",
+        type=float,
+        default=rule.max_over_refusal_gain,
+        help=f"over-refusal budget (default {rule.max_over_refusal_gain:g})",
+    )
+    add("--steering-layers", type=int, default=rule.count, help="how many layers to choose")
+    add(
+        "--detection-layers",
+        type=_ints,
+        default=DEFAULTS.detection_layers,
+        help=f"gate layers to try (default {_csv(DEFAULTS.detection_layers)})",
+    )
+    add(
+        "--target-fpr",
+        type=float,
+        default=DEFAULTS.target_fpr,
+        help="share of benign dev prompts on which any category may fire "
+        f"(default {DEFAULTS.target_fpr:g})",
+    )
+    add(
+        "--strengths",
+        type=_floats,
+        default=DEFAULTS.strengths,
+        help=f"multipliers of the chosen scales to try (default {_csv(DEFAULTS.strengths)})",
+    )
+    add(
+        "--min-coherent",
+        type=float,
+        default=DEFAULTS.min_coherent,
+        help=f"coherent share a strength needs (default {DEFAULTS.min_coherent:g})",
+    )
+    add(
+        "--merge",
+        choices=SCHEMES,
+        default=DEFAULTS.merge,
+        help=f"merge scheme to calibrate for (default {DEFAULTS.merge})",
+    )
+    add("--batch-size", type=int, default=DEFAULTS.batch_size, help="rows per forward pass")
+    add("--quiet", action="store_true", help="no progress bars")
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a build, every setting spelled out."""
+    parts = ["safesteer", "build-adapter", "--model", args.model, "--out", str(args.out)]
+    parts += ["--seed", str(args.seed)]
+    parts += ["--name", args.name] if args.name else []
+    parts += ["--candidate-layers", _csv(args.candidate_layers), "--scales", _csv(args.scales)]
+    parts += ["--max-kl", f"{args.max_kl:g}"]
+    parts += ["--max-over-refusal-gain", f"{args.max_over_refusal_gain:g}"]
+    parts += ["--steering-layers", str(args.steering_layers)]
+    parts += ["--detection-layers", _csv(args.detection_layers)]
+    parts += ["--target-fpr", f"{args.target_fpr:g}", "--strengths", _csv(args.strengths)]
+    parts += ["--min-coherent", f"{args.min_coherent:g}", "--merge", args.merge]
+    parts += ["--batch-size", str(args.batch_size)]
+    return shlex.join(parts)
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    return BuildConfig(
+        seed=args.seed,
+        name=args.name,
+        candidate_layers=args.candidate_layers,
+        scales=args.scales,
+        rule=SelectionRule(args.max_kl, args.max_over_refusal_gain, args.steering_layers),
+        detection_layers=args.detection_layers,
+        target_fpr=args.target_fpr,
+        strengths=args.strengths,
+        min_coherent=args.min_coherent,
+        merge=args.merge,
+        batch_size=args.batch_size,
+        show_progress=not args.quiet,
+        command=canonical_command(args),
+    )
+
+
+def print_summary(result: BuildResult) -> None:
+    summary = result.summary
+    print("layer scores (dev; gain in points, KL in nats):")
+    print(f"  {'layer':>5} {'scale':>6} {'refusal+':>9} {'over-ref+':>10} {'KL':>7}")
+    for s in summary.layer_scores:
+        mark = " *" if summary.layers.get(s.layer) == s.scale else ""
+        print(
+            f"  {s.layer:>5} {s.scale:>6g} {100 * s.refusal_gain:>9.0f} "
+            f"{100 * s.over_refusal_gain:>10.0f} {s.kl:>7.3f}{mark}"
+        )
+    print(
+        "gate candidates: "
+        + ", ".join(
+            f"L{g.layer} TPR {g.harmful_tpr:.1%} FPR {g.benign_fpr:.1%}"
+            for g in summary.gate_candidates
+        )
+        + f"; chosen L{summary.detection_layer}"
+    )
+    print(
+        "strengths: "
+        + ", ".join(
+            f"{s.strength:g}: refused {s.refused:.0%} coherent {s.coherent:.0%} of {s.fired}"
+            for s in summary.strength_scores
+        )
+        + f"; chosen {summary.strength:g}"
+    )
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
+
+
+def run_build_command(args: argparse.Namespace) -> int:
+    """Run `safesteer build-adapter` from parsed flags; 2 on a usage or input error."""
+    started = time.perf_counter()
+    try:
+        config = config_from_args(args)
+        loaded = load_model(args.model)
+        result = build(loaded, config, progress=lambda message: print(message, flush=True))
+        written = save_outputs(result, args.out)
+    except (AdapterError, ModelLoadError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    print(f"wrote {', '.join(map(str, written))} ({result.adapter.id})")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    return 0

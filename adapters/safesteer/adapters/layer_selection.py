@@ -1,0 +1,272 @@
+"""Data-aware layer selection (SafeGene-style): score steering layers by their effect on dev data.
+
+Each candidate layer `l` is tried alone at a few scales `s`: every dev prompt is steered with
+the category mix direction at `l` (the normalised mean of the categories' unit vectors there),
+pushed by `s * typical_norm[l]` at every position. Three effects are measured against the
+unsteered model:
+
+- `refusal`: share of harmful dev prompts whose greedy answer the judge counts as a refusal;
+- `over_refusal`: the same share on benign dev prompts;
+- `kl`: mean KL(unsteered || steered) of the next-token distribution at the first answer
+  position of the benign prompts (how much the push disturbs answers it should leave alone).
+
+The rule (`SelectionRule`, `select_layers`): a (layer, scale) cell is *admissible* when its KL
+is at most `max_kl` and its over-refusal gain at most `max_over_refusal_gain`. A layer's score
+is the refusal gain of its best admissible cell (ties: the smaller KL, then the smaller scale);
+the `count` layers with the highest scores are chosen (ties: the smaller KL), each with the
+scale of its best cell as its coefficient. Layers with no admissible cell or no refusal gain are
+never chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from safesteer.adapters.extract import chat_prompt_ids, generate_responses
+from safesteer.adapters.hooks import SteeringHooks
+from safesteer.adapters.judge import RefusalJudge
+from safesteer.adapters.loading import LoadedModel
+from safesteer.adapters.padding import left_pad
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """What steering at one layer and scale did on the dev prompts (shares in [0, 1])."""
+
+    layer: int
+    scale: float
+    refusal: float
+    over_refusal: float
+    kl: float
+    baseline_refusal: float = 0.0
+    baseline_over_refusal: float = 0.0
+
+    @property
+    def refusal_gain(self) -> float:
+        return self.refusal - self.baseline_refusal
+
+    @property
+    def over_refusal_gain(self) -> float:
+        return self.over_refusal - self.baseline_over_refusal
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> LayerScore:
+        return cls(
+            layer=int(raw["layer"]),
+            scale=float(raw["scale"]),
+            refusal=float(raw["refusal"]),
+            over_refusal=float(raw["over_refusal"]),
+            kl=float(raw["kl"]),
+            baseline_refusal=float(raw.get("baseline_refusal", 0.0)),
+            baseline_over_refusal=float(raw.get("baseline_over_refusal", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """Budgets a (layer, scale) cell must keep, and how many layers to choose."""
+
+    max_kl: float = 1.0
+    max_over_refusal_gain: float = 0.5
+    count: int = 2
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("choose at least one layer")
+        if self.max_kl <= 0 or not 0 <= self.max_over_refusal_gain <= 1:
+            raise ValueError("max_kl must be positive and max_over_refusal_gain in [0, 1]")
+
+    def admissible(self, score: LayerScore) -> bool:
+        return score.kl <= self.max_kl and score.over_refusal_gain <= self.max_over_refusal_gain
+
+    def describe(self) -> str:
+        return (
+            f"a (layer, scale) cell is admissible when its benign next-token KL <= {self.max_kl:g} "
+            f"and its benign over-refusal gain <= {self.max_over_refusal_gain:g}; a layer scores "
+            "the harmful refusal gain of its best admissible cell (ties: smaller KL, then smaller "
+            f"scale); the {self.count} best-scoring layers with a positive gain are chosen (ties: "
+            "smaller KL), each with its best cell's scale"
+        )
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The chosen layers, each with its scale (a fraction of the typical norm there)."""
+
+    scales: Mapping[int, float]
+    best: Mapping[int, LayerScore]  # every layer with an admissible cell -> that cell
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.scales))
+
+
+def _best_cell(cells: Sequence[LayerScore]) -> LayerScore:
+    return max(cells, key=lambda s: (s.refusal_gain, -s.kl, -s.scale))
+
+
+def select_layers(scores: Sequence[LayerScore], rule: SelectionRule) -> LayerChoice:
+    """Apply `rule` to the measured cells (see the module docstring).
+
+    Raises:
+        ValueError: no layer has an admissible cell with a positive refusal gain.
+    """
+    by_layer: dict[int, list[LayerScore]] = {}
+    for score in scores:
+        if rule.admissible(score):
+            by_layer.setdefault(score.layer, []).append(score)
+    best = {layer: _best_cell(cells) for layer, cells in by_layer.items()}
+    ranked = sorted(
+        (cell for cell in best.values() if cell.refusal_gain > 0),
+        key=lambda cell: (-cell.refusal_gain, cell.kl, cell.layer),
+    )
+    if not ranked:
+        raise ValueError(
+            "no candidate layer gains refusals within the budgets "
+            f"(KL <= {rule.max_kl:g}, over-refusal gain <= {rule.max_over_refusal_gain:g})"
+        )
+    chosen = ranked[: rule.count]
+    return LayerChoice({cell.layer: cell.scale for cell in chosen}, best)
+
+
+# ----- measuring -------------------------------------------------------------------------------
+def mix_direction(vectors: torch.Tensor) -> torch.Tensor:
+    """Unit vector along the mean of the categories' unit vectors (`vectors`: `[C, hidden]`).
+
+    Raises:
+        ValueError: a category vector is zero, or the unit vectors cancel out.
+    """
+    norms = vectors.norm(dim=-1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("a category vector is zero")
+    mean = (vectors / norms).mean(dim=0)
+    length = float(mean.norm())
+    if length == 0.0:
+        raise ValueError("the category directions cancel out")
+    unit: torch.Tensor = mean / length
+    return unit
+
+
+@torch.inference_mode()
+def first_token_logprobs(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    hooks: SteeringHooks | None = None,
+    push: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """`[prompts, vocab]` log-probabilities of the first answer token of each chat prompt.
+
+    With `hooks` and `push` (`[len(hooks.layers), hidden]`), every row is steered by `push`.
+    """
+    tokenizer = loaded.tokenizer
+    encoded = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    rows: list[torch.Tensor] = []
+    for start in range(0, len(encoded), batch_size):
+        input_ids, mask = left_pad(encoded[start : start + batch_size], pad)
+        table = None if push is None else push.expand(input_ids.shape[0], -1, -1).contiguous()
+        context = hooks.steering(table) if hooks is not None else _nothing()
+        with context:
+            logits = loaded.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        rows.append(torch.log_softmax(logits.float(), dim=-1))
+    return torch.cat(rows)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over rows of KL(reference || other), both `[rows, vocab]` log-probabilities."""
+    return float((reference.exp() * (reference - other)).sum(dim=-1).mean())
+
+
+def _share(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
+
+
+def score_layers(
+    loaded: LoadedModel,
+    vectors: torch.Tensor,
+    typical_norms: torch.Tensor,
+    candidates: Sequence[int],
+    scales: Sequence[float],
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    judge: RefusalJudge,
+    *,
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+    show_progress: bool = True,
+) -> list[LayerScore]:
+    """Measure every (candidate layer, scale) cell on the dev prompts.
+
+    `vectors` is `[categories, layers, hidden]` (layers from 0), `typical_norms` `[layers]`.
+    Answers are greedy, `max_new_tokens` long: the judge reads only their opening.
+    """
+    layers = list(candidates)
+    hooks = SteeringHooks(loaded.model, loaded.family.num_layers, layers)
+    prompts = [*harmful, *benign]
+    split = len(harmful)
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "show_progress": False,
+    }
+    try:
+        plain = generate_responses(loaded.model, loaded.tokenizer, prompts, **options)
+        refused = judge.judge(prompts, plain)
+        base_refusal, base_over = _share(refused[:split]), _share(refused[split:])
+        reference = first_token_logprobs(loaded, benign, batch_size=batch_size)
+        cells = [(layer, scale) for layer in layers for scale in scales]
+        scores: list[LayerScore] = []
+        for layer, scale in tqdm(cells, desc="layer scores", disable=not show_progress):
+            push = torch.zeros(len(layers), vectors.shape[-1])
+            slot = layers.index(layer)
+            push[slot] = mix_direction(vectors[:, layer]) * scale * float(typical_norms[layer])
+
+            @contextmanager
+            def steering(batch: Sequence[str], push: torch.Tensor = push) -> Iterator[None]:
+                with hooks.steering(push.expand(len(batch), -1, -1).contiguous()):
+                    yield
+
+            answers = generate_responses(
+                loaded.model, loaded.tokenizer, prompts, steering=steering, **options
+            )
+            verdicts = judge.judge(prompts, answers)
+            steered = first_token_logprobs(
+                loaded, benign, hooks=hooks, push=push, batch_size=batch_size
+            )
+            scores.append(
+                LayerScore(
+                    layer=layer,
+                    scale=scale,
+                    refusal=_share(verdicts[:split]),
+                    over_refusal=_share(verdicts[split:]),
+                    kl=mean_kl(reference, steered),
+                    baseline_refusal=base_refusal,
+                    baseline_over_refusal=base_over,
+                )
+            )
+    finally:
+        hooks.remove()
+    return scores
