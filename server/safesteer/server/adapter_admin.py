@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,34 +276,35 @@ class AdapterAdmin:
         )
         return summary(record, family.active)
 
-    def activate(self, actor: str, family_name: str, adapter_id: str) -> AdapterSummary:
+    @contextmanager
+    def _refusals(self, actor: str, action: str, family: str, adapter_id: str) -> Iterator[None]:
+        """Audit a refused `action` on a family's adapter and raise its API error."""
         try:
-            family = self.registry.family(family_name)
-            previous, record = family.activate(adapter_id)
+            yield
         except AdapterNotLoaded:
             self.audit.append(
-                actor,
-                "activate",
-                "refused",
-                family=family_name,
-                adapter=adapter_id,
-                detail="not loaded",
+                actor, action, "refused", family=family, adapter=adapter_id, detail="not loaded"
             )
             raise NotFound(
-                f"adapter {adapter_id!r} is not loaded for family {family_name!r}",
+                f"adapter {adapter_id!r} is not loaded for family {family!r}",
                 param="adapter",
                 code="adapter_not_found",
             ) from None
+        except AdapterInUse as exc:
+            self.audit.append(
+                actor, action, "refused", family=family, adapter=adapter_id, detail=str(exc)
+            )
+            raise Conflict(str(exc), param="adapter", code="adapter_in_use") from exc
         except APIError as exc:
             self.audit.append(
-                actor,
-                "activate",
-                "refused",
-                family=family_name,
-                adapter=adapter_id,
-                detail=exc.message,
+                actor, action, "refused", family=family, adapter=adapter_id, detail=exc.message
             )
             raise
+
+    def activate(self, actor: str, family_name: str, adapter_id: str) -> AdapterSummary:
+        with self._refusals(actor, "activate", family_name, adapter_id):
+            family = self.registry.family(family_name)
+            previous, record = family.activate(adapter_id)
         self.active_state.record(
             family.family.id,
             ActiveEntry(record.id, record.origin, record.file_sha256, family.configured_id),
@@ -322,38 +324,9 @@ class AdapterAdmin:
         return summary(record, family.active)
 
     def unload(self, actor: str, family_name: str, adapter_id: str) -> AdapterSummary:
-        try:
+        with self._refusals(actor, "unload", family_name, adapter_id):
             family = self.registry.family(family_name)
             record = family.unload(adapter_id)
-        except AdapterNotLoaded:
-            self.audit.append(
-                actor,
-                "unload",
-                "refused",
-                family=family_name,
-                adapter=adapter_id,
-                detail="not loaded",
-            )
-            raise NotFound(
-                f"adapter {adapter_id!r} is not loaded for family {family_name!r}",
-                param="adapter",
-                code="adapter_not_found",
-            ) from None
-        except AdapterInUse as exc:
-            self.audit.append(
-                actor, "unload", "refused", family=family_name, adapter=adapter_id, detail=str(exc)
-            )
-            raise Conflict(str(exc), param="adapter", code="adapter_in_use") from exc
-        except APIError as exc:
-            self.audit.append(
-                actor,
-                "unload",
-                "refused",
-                family=family_name,
-                adapter=adapter_id,
-                detail=exc.message,
-            )
-            raise
         self.audit.append(
             actor,
             "unload",
