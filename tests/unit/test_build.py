@@ -22,6 +22,7 @@ import torch
 from safesteer.adapters import cli
 from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.build import (
+    CANONICAL_REFUSAL,
     BuildConfig,
     BuildData,
     BuildResult,
@@ -83,13 +84,16 @@ def tiny_data() -> BuildData:
 
 
 class DiffersFromPlain:
-    """A refusal is an answer whose first two characters differ from the unsteered answer's."""
+    """A refusal is an answer to a harmful prompt whose first two characters differ from the
+    unsteered answer's (so steering gains refusals, never over-refusals)."""
 
     name = "differs"
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.plain: dict[str, str] = {}
+        data = tiny_data()
+        self.harmful = {p.prompt for p in [*data.harmful_fit, *data.harmful_dev]}
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.plain]
@@ -103,7 +107,10 @@ class DiffersFromPlain:
                 show_progress=False,
             )
             self.plain.update(zip(missing, answers, strict=True))
-        return [r[:2] != self.plain[p][:2] for p, r in zip(prompts, responses, strict=True)]
+        return [
+            p in self.harmful and r[:2] != self.plain[p][:2]
+            for p, r in zip(prompts, responses, strict=True)
+        ]
 
 
 def tiny_config(**overrides: Any) -> BuildConfig:
@@ -178,6 +185,7 @@ def test_the_recipe_records_the_build_and_round_trips(tmp_path: Path, built: Bui
     assert recipe["layers"] == sorted(built.summary.layers)
     assert recipe["merge"] == "orthogonal" and recipe["seed"] == 0
     assert "scale" not in recipe and "mix_norm_ratio" not in recipe
+    assert recipe["refusal"]["text"] == CANONICAL_REFUSAL
     assert set(recipe["timings_s"]) == {"extract", "layers", "gate", "strength"}
     scores = recipe["build"]["layer_scores"]
     assert len(scores) == 4  # two candidate layers x two scales
@@ -251,6 +259,24 @@ def test_samples_are_seeded_and_spread() -> None:
 
 
 # ----- the strength rule and coherence ------------------------------------------------------------
+def test_ties_between_layer_sets_go_to_fewer_layers() -> None:
+    scores = [
+        StrengthScore(0.8, 40, refused=0.9, coherent=0.9, layers=(14, 18)),
+        StrengthScore(1.0, 40, refused=0.9, coherent=0.9, layers=(14,)),
+        StrengthScore(0.6, 40, refused=0.8, coherent=1.0, layers=(14,)),
+    ]
+    assert choose_strength(scores, min_coherent=0.8) == scores[1]
+    assert StrengthScore.from_json(scores[0].to_json()) == scores[0]
+
+
+def test_every_layer_set_is_tried_at_every_strength(built: BuildResult) -> None:
+    settings = [(s.layers, s.strength) for s in built.summary.strength_scores]
+    sets = list(dict.fromkeys(layers for layers, _ in settings))
+    assert len(sets[0]) == 1 and sets == sorted(sets, key=len)
+    assert settings == [(layers, strength) for layers in sets for strength in (0.5, 1.0)]
+    assert tuple(sorted(built.summary.layers)) in sets
+
+
 def test_the_strongest_refusal_among_coherent_strengths_wins() -> None:
     scores = [
         StrengthScore(0.5, 40, refused=0.7, coherent=0.98),
@@ -288,6 +314,8 @@ def test_the_canonical_command_reproduces_the_settings(tmp_path: Path) -> None:
     argv += ["--scales", "0.2", "--strengths", "0.8,1", "--target-fpr", "0.04", "--quiet"]
     config = config_from_args(parser.parse_args(argv))
     assert config.candidate_layers == (12, 14) and config.strengths == (0.8, 1.0)
+    assert config.refusal == CANONICAL_REFUSAL
+    assert config_from_args(parser.parse_args([*argv, "--refusal", ""])).refusal is None
     assert config.target_fpr == 0.04 and not config.show_progress
     again = config_from_args(parser.parse_args([*shlex.split(config.command)[2:], "--quiet"]))
     assert again == config

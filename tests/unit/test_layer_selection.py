@@ -55,6 +55,21 @@ def test_the_best_admissible_layer_wins() -> None:
     assert relaxed.scales == {14: 0.4}
 
 
+def test_prefixes_list_the_best_layers_in_order() -> None:
+    scores = [cell(8, 0.2, 0.5, 0.5), cell(12, 0.3, 0.9, 0.5), cell(16, 0.2, 0.7, 0.5)]
+    choice = select_layers(scores, SelectionRule(max_kl=1.0, count=2))
+    assert [c.layer for c in choice.ranked] == [12, 16]
+    assert choice.prefixes() == [{12: 0.3}, {12: 0.3, 16: 0.2}]
+    assert choice.layers == (12, 16)
+
+
+def test_a_selective_layer_beats_one_that_makes_everything_refuse() -> None:
+    scores = [cell(12, 0.3, 0.9, 0.5, over=0.45), cell(16, 0.3, 0.7, 0.5, over=0.05)]
+    choice = select_layers(scores, SelectionRule(max_kl=1.0, count=1))
+    assert choice.layers == (16,)
+    assert scores[1].selective_gain == pytest.approx(0.55)
+
+
 def test_ties_go_to_the_smaller_kl_then_the_smaller_scale() -> None:
     scores = [cell(8, 0.2, 0.6, 0.5), cell(12, 0.2, 0.6, 0.3), cell(12, 0.3, 0.6, 0.3)]
     choice = select_layers(scores, SelectionRule(max_kl=1.0, count=1))
@@ -62,9 +77,9 @@ def test_ties_go_to_the_smaller_kl_then_the_smaller_scale() -> None:
 
 
 def test_layers_without_a_gain_are_never_chosen() -> None:
-    scores = [cell(8, 0.2, 0.6, 0.5), cell(12, 0.2, 0.1, 0.1)]  # 12: gain 0
+    scores = [cell(8, 0.2, 0.6, 0.5), cell(12, 0.2, 0.1, 0.1)]  # 12: score 0
     assert select_layers(scores, SelectionRule(count=3)).layers == (8,)
-    with pytest.raises(ValueError, match="no candidate layer gains refusals"):
+    with pytest.raises(ValueError, match="no candidate layer gains more refusals"):
         select_layers([cell(12, 0.2, 0.1, 0.1)], SelectionRule())
     with pytest.raises(ValueError, match="no candidate layer"):
         select_layers([cell(12, 0.2, 0.9, 9.0)], SelectionRule(max_kl=1.0))
@@ -81,7 +96,7 @@ def test_layer_scores_round_trip_through_json() -> None:
     assert LayerScore.from_json(score.to_json()) == score
     assert score.refusal_gain == pytest.approx(0.75)
     assert score.over_refusal_gain == pytest.approx(0.24)
-    assert "KL <= 1 and" in SelectionRule().describe()
+    assert "KL <= 2 and" in SelectionRule().describe()
 
 
 # ----- measuring ---------------------------------------------------------------------------------

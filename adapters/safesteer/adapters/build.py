@@ -3,16 +3,23 @@
 The steps, on the fixed splits of `safesteer.adapters.splits` (the test split is never read):
 
 1. **extract**: contrastive per-category directions (`extract.extract_directions`) at layers
-   `0 .. max(candidate layers)` from the harmful *fit* prompts.
+   `0 .. max(candidate layers)` from the harmful *fit* prompts. The refusal teacher-forced on
+   every prompt is one plain sentence (`CANONICAL_REFUSAL`), not the data sets' varied
+   references and templates: steering along the mean of varied refusals makes SmolLM2 wander
+   ("I'm sorry for any kind of harm ... You're asking about that. You're asking about that."),
+   along one plain refusal it says it plainly (dev: 51 of 56 fired prompts refused, all 56
+   coherent, against 50 and 44 with the varied refusals, same layers and strength).
 2. **layers**: every candidate steering layer is scored at a few scales on dev prompts, and
-   layers and per-layer scales are chosen by a budgeted rule (`layer_selection`).
+   the best layers with their per-layer scales are ranked by a budgeted rule
+   (`layer_selection`).
 3. **gate**: condition probes are fitted on the fit split at each candidate detection layer
    below the chosen steering layers and calibrated on benign dev to a target false-positive
    rate for the union of categories (`gating`); the layer with the highest harmful dev TPR
    is kept (ties: the lower held-out benign FPR, then the deeper layer).
-4. **strength**: the per-layer scales are multiplied by each candidate strength, the harmful
-   dev prompts on which the gate fires are answered under gated steering, and the strength is
-   chosen by refusal given fired among coherent settings (`strength`).
+4. **strength**: for the best layer, the best two, ... (`LayerChoice.prefixes`), the per-layer
+   scales are multiplied by each candidate strength, the harmful dev prompts on which the gate
+   fires are answered under gated steering, and layer set and strength are chosen together by
+   refusal given fired among coherent settings (`strength`).
 5. **write**: the adapter with its full recipe (data digests, scores, gate statistics, seed,
    command), and a PNG of the scores next to it (`build_plot`).
 
@@ -77,6 +84,7 @@ from safesteer.adapters.strength import (
 from safesteer.adapters.table import SteeringBasis
 
 Progress = Callable[[str], None]
+CANONICAL_REFUSAL = "I'm sorry, but I can't help with that."
 
 
 @dataclass(frozen=True)
@@ -116,14 +124,15 @@ class BuildConfig:
     seed: int = 0
     name: str | None = None
     # extraction
+    refusal: str | None = CANONICAL_REFUSAL  # None: the data sets' references and templates
     max_prompts_per_category: int | None = 24
     max_response_tokens: int = 32
     compliance_tokens: int = 40
     # layer selection
-    candidate_layers: tuple[int, ...] = (10, 12, 14, 16, 18, 20, 22)
+    candidate_layers: tuple[int, ...] = (10, 12, 14, 16, 18, 20)
     scales: tuple[float, ...] = (0.2, 0.35)
     rule: SelectionRule = field(default_factory=SelectionRule)
-    score_prompts_per_category: int = 2
+    score_prompts_per_category: int = 3
     score_benign_prompts: int = 24
     score_tokens: int = 20
     # gate
@@ -132,7 +141,7 @@ class BuildConfig:
     gate_method: str = "lda"
     target_fpr: float = 0.03
     # strength
-    strengths: tuple[float, ...] = (0.7, 0.9, 1.1)
+    strengths: tuple[float, ...] = (0.6, 0.8, 1.0)
     min_coherent: float = 0.8
     strength_prompts_per_category: int = 6
     strength_tokens: int = 40
@@ -288,10 +297,13 @@ def make_adapter(
     strength: float,
     gate: FittedGate,
 ) -> SafetyAdapter:
-    """The gated adapter at `strength` (its recipe is completed by `build`)."""
+    """The gated adapter for `scales` at `strength` (its recipe is completed by `build`)."""
     base = build_adapter(loaded, directions, extraction, layers=sorted(scales), scale=1.0)
     coefficients = gated_coefficients(directions, scales, strength)
     return with_gate(replace(base, coefficients=coefficients), gate)
+
+
+Setting = tuple[Mapping[int, float], float]  # (layer -> scale, strength)
 
 
 # ----- the steps ---------------------------------------------------------------------------------
@@ -358,38 +370,45 @@ def choose_detection_layer(fitted: Mapping[int, FittedGate]) -> int:
 
 def measure_strengths(
     loaded: LoadedModel,
-    make: Callable[[float], SafetyAdapter],
-    strengths: Sequence[float],
+    make: Callable[[Mapping[int, float], float], SafetyAdapter],
+    settings: Sequence[Setting],
     harmful: Sequence[str],
     benign: Sequence[str],
     judge: RefusalJudge,
     config: BuildConfig,
 ) -> list[StrengthScore]:
-    """Gated answers at each strength: refusal and coherence on harmful prompts that fire."""
+    """Gated answers per setting: refusal and coherence on the harmful prompts that fire."""
+    layers = sorted({layer for scales, _ in settings for layer in scales})
+    hooks = SteeringHooks(loaded.model, loaded.family.num_layers, layers)
+    prompts = [*harmful, *benign]
     scores: list[StrengthScore] = []
-    hooks: SteeringHooks | None = None
     try:
-        for strength in strengths:
-            adapter = make(strength)
-            if hooks is None:
-                hooks = SteeringHooks(loaded.model, loaded.family.num_layers, adapter.layers)
-            basis = MergingBasis.of(SteeringBasis.from_adapter(adapter), config.merge)
-            mode = GatedSteered(loaded, hooks, basis, PromptGate.from_adapter(adapter))
+        for scales, strength in settings:
+            adapter = make(scales, strength)
+            basis = SteeringBasis.from_adapter(adapter, layers=layers)
+            mode = GatedSteered(
+                loaded,
+                hooks,
+                MergingBasis.of(basis, config.merge),
+                PromptGate.from_adapter(adapter),
+            )
+            label = "+".join(map(str, sorted(scales)))
             answers = answer_prompts(
                 loaded,
                 mode,
-                [*harmful, *benign],
+                prompts,
                 max_new_tokens=config.strength_tokens,
                 batch_size=config.batch_size,
-                desc=f"strength {strength:g}",
+                desc=f"layers {label} x {strength:g}",
                 show_progress=config.show_progress,
             )
-            refused = judge.judge([*harmful, *benign], [a.response for a in answers])
+            refused = judge.judge(prompts, [a.response for a in answers])
             split = len(harmful)
             fired = [i for i, a in enumerate(answers[:split]) if a.steering.fired]
             benign_fired = [i for i, a in enumerate(answers[split:], split) if a.steering.fired]
             scores.append(
                 StrengthScore(
+                    layers=tuple(sorted(scales)),
                     strength=strength,
                     fired=len(fired),
                     refused=_share([refused[i] for i in fired]),
@@ -399,8 +418,7 @@ def measure_strengths(
                 )
             )
     finally:
-        if hooks is not None:
-            hooks.remove()
+        hooks.remove()
     return scores
 
 
@@ -452,7 +470,11 @@ def build(
         name=config.name,
         show_progress=config.show_progress,
     )
-    directions = extract_directions(loaded, extraction, data.harmful_fit)
+    fit_prompts = [
+        p if config.refusal is None else replace(p, refusal=config.refusal)
+        for p in data.harmful_fit
+    ]
+    directions = extract_directions(loaded, extraction, fit_prompts)
     lap("extract")
     say(f"extracted directions from {len(directions.pairs)} harmful fit prompts")
 
@@ -475,7 +497,7 @@ def build(
     )
     choice: LayerChoice = select_layers(scores, config.rule)
     lap("layers")
-    say("chosen layers: " + ", ".join(f"{la} @ {s:g}" for la, s in choice.scales.items()))
+    say("best layers: " + ", ".join(f"{c.layer} @ {c.scale:g}" for c in choice.ranked))
 
     below = [la for la in config.detection_layers if la < min(choice.layers)]
     if not below:
@@ -500,22 +522,26 @@ def build(
     harmful_fired = [p.prompt for p in strength_pool if index[p.id] in fired_harmful]
     benign_fired = [data.benign_dev[i].prompt for i in _fired_rows(gate, dev[detection]["benign"])]
 
-    def make(strength: float) -> SafetyAdapter:
-        return make_adapter(loaded, directions, extraction, choice.scales, strength, gate)
+    def make(scales: Mapping[int, float], strength: float) -> SafetyAdapter:
+        return make_adapter(loaded, directions, extraction, scales, strength, gate)
 
+    prefixes = choice.prefixes()
+    settings = [(scales, strength) for scales in prefixes for strength in config.strengths]
     strength_scores = measure_strengths(
-        loaded, make, config.strengths, harmful_fired, benign_fired, judge, config
+        loaded, make, settings, harmful_fired, benign_fired, judge, config
     )
     chosen = choose_strength(strength_scores, config.min_coherent)
+    scales = next(p for p in prefixes if tuple(sorted(p)) == chosen.layers)
     lap("strength")
     say(
-        f"strength {chosen.strength:g}: refused {chosen.refused:.0%} of fired, "
+        f"layers {', '.join(f'{la} @ {s:g}' for la, s in scales.items())} x strength "
+        f"{chosen.strength:g}: refused {chosen.refused:.0%} of fired, "
         f"coherent {chosen.coherent:.0%}"
     )
 
     summary = BuildSummary(
         layer_scores=tuple(scores),
-        layers=dict(choice.scales),
+        layers=dict(scales),
         gate_candidates=tuple(
             GateCandidate(la, f.harmful_any, f.benign_any, dict(f.auc))
             for la, f in sorted(fitted.items())
@@ -524,7 +550,7 @@ def build(
         strength_scores=tuple(strength_scores),
         strength=chosen.strength,
     )
-    adapter = make(chosen.strength)
+    adapter = make(scales, chosen.strength)
     recipe = _recipe(adapter, config, data, summary, choice, gate, timings, len(harmful_fired))
     metadata = replace(adapter.metadata, recipe=recipe)
     return BuildResult(replace(adapter, metadata=metadata), summary, timings)
@@ -555,7 +581,15 @@ def _recipe(
                 "benign_fit": len(data.benign_fit),
                 "benign_dev": len(data.benign_dev),
             },
-            "layers": list(choice.layers),
+            "refusal": {
+                "text": config.refusal,
+                "note": "teacher-forced as the refusal of every fit prompt, in place of the "
+                "data sets' reference refusals and the templates (data.per_category counts "
+                "them as references)"
+                if config.refusal is not None
+                else "the data sets' reference refusals, else the templates",
+            },
+            "layers": sorted(summary.layers),
             "coefficient_rule": (
                 "coef[c][l] = strength * scale[l] * typical_norm[l] / |vector[c][l]|: category c "
                 "alone at weight 1 adds strength * scale[l] * typical_norm[l] at layer l"
@@ -577,6 +611,7 @@ def _recipe(
                 "harmful_dev_prompts_unit": "per category",
                 "benign_dev_prompts": config.score_benign_prompts,
                 "max_new_tokens": config.score_tokens,
+                "ranked": [{"layer": c.layer, "scale": c.scale} for c in choice.ranked],
             },
             "gate_selection": {
                 "candidates": [g.layer for g in summary.gate_candidates],
@@ -588,6 +623,7 @@ def _recipe(
                 "method": config.gate_method,
             },
             "strength_selection": {
+                "layer_sets": [sorted(p) for p in choice.prefixes()],
                 "candidates": list(config.strengths),
                 "rule": describe_rule(config.min_coherent),
                 "min_coherent": config.min_coherent,
@@ -614,5 +650,6 @@ def save_outputs(result: BuildResult, out: Path) -> list[Path]:
     from safesteer.adapters.build_plot import PLOT_NAME, plot_summary
 
     written = [result.adapter.save(out)]
-    written.append(plot_summary(result.summary, out.parent / PLOT_NAME))
+    max_kl = result.adapter.metadata.recipe["layer_selection"]["rule_params"]["max_kl"]
+    written.append(plot_summary(result.summary, out.parent / PLOT_NAME, max_kl))
     return written

@@ -58,6 +58,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=DEFAULTS.seed, help="seed for sampling (default 0)")
     add("--name", default=None, help="adapter name (default '<family alias>-safety')")
     add(
+        "--refusal",
+        default=DEFAULTS.refusal,
+        help="refusal teacher-forced on every fit prompt; '' for the data sets' references and "
+        f"templates (default {DEFAULTS.refusal!r})",
+    )
+    add(
         "--candidate-layers",
         type=_ints,
         default=DEFAULTS.candidate_layers,
@@ -118,6 +124,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["safesteer", "build-adapter", "--model", args.model, "--out", str(args.out)]
     parts += ["--seed", str(args.seed)]
     parts += ["--name", args.name] if args.name else []
+    parts += ["--refusal", args.refusal]
     parts += ["--candidate-layers", _csv(args.candidate_layers), "--scales", _csv(args.scales)]
     parts += ["--max-kl", f"{args.max_kl:g}"]
     parts += ["--max-over-refusal-gain", f"{args.max_over_refusal_gain:g}"]
@@ -133,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
         seed=args.seed,
         name=args.name,
+        refusal=args.refusal or None,
         candidate_layers=args.candidate_layers,
         scales=args.scales,
         rule=SelectionRule(args.max_kl, args.max_over_refusal_gain, args.steering_layers),
@@ -149,13 +157,14 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 def print_summary(result: BuildResult) -> None:
     summary = result.summary
-    print("layer scores (dev; gain in points, KL in nats):")
-    print(f"  {'layer':>5} {'scale':>6} {'refusal+':>9} {'over-ref+':>10} {'KL':>7}")
+    print("layer scores (dev; gains in points, KL in nats; score = refusal+ - over-ref+):")
+    print(f"  {'layer':>5} {'scale':>6} {'refusal+':>9} {'over-ref+':>10} {'score':>6} {'KL':>7}")
     for s in summary.layer_scores:
         mark = " *" if summary.layers.get(s.layer) == s.scale else ""
         print(
             f"  {s.layer:>5} {s.scale:>6g} {100 * s.refusal_gain:>9.0f} "
-            f"{100 * s.over_refusal_gain:>10.0f} {s.kl:>7.3f}{mark}"
+            f"{100 * s.over_refusal_gain:>10.0f} {100 * s.selective_gain:>6.0f} "
+            f"{s.kl:>7.3f}{mark}"
         )
     print(
         "gate candidates: "
@@ -165,14 +174,16 @@ def print_summary(result: BuildResult) -> None:
         )
         + f"; chosen L{summary.detection_layer}"
     )
-    print(
-        "strengths: "
-        + ", ".join(
-            f"{s.strength:g}: refused {s.refused:.0%} coherent {s.coherent:.0%} of {s.fired}"
-            for s in summary.strength_scores
+    print("gated settings (harmful dev prompts that fire):")
+    for score in summary.strength_scores:
+        mark = " *" if score.layers == tuple(sorted(summary.layers)) else ""
+        mark = mark if score.strength == summary.strength else ""
+        layers = "+".join(map(str, score.layers))
+        print(
+            f"  layers {layers:<8} x {score.strength:<4g} refused {score.refused:>4.0%} coherent "
+            f"{score.coherent:>4.0%} of {score.fired}; benign fired {score.benign_fired}, refused "
+            f"{score.benign_refused:.0%}{mark}"
         )
-        + f"; chosen {summary.strength:g}"
-    )
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
 
 

@@ -11,11 +11,14 @@ unsteered model:
   position of the benign prompts (how much the push disturbs answers it should leave alone).
 
 The rule (`SelectionRule`, `select_layers`): a (layer, scale) cell is *admissible* when its KL
-is at most `max_kl` and its over-refusal gain at most `max_over_refusal_gain`. A layer's score
-is the refusal gain of its best admissible cell (ties: the smaller KL, then the smaller scale);
-the `count` layers with the highest scores are chosen (ties: the smaller KL), each with the
-scale of its best cell as its coefficient. Layers with no admissible cell or no refusal gain are
-never chosen.
+is at most `max_kl` and its over-refusal gain at most `max_over_refusal_gain`. A cell's score is
+its *selective* gain, refusal gain minus over-refusal gain: a push that makes harmful prompts
+refuse but leaves benign ones alone works with the model's own sense of harm, and it does the
+least damage on the benign prompts a gate lets through by mistake. A layer scores its best
+admissible cell (ties: the smaller KL, then the smaller scale); the `count` layers with the
+highest positive scores are chosen (ties: the smaller KL), each with its best cell's scale as
+its coefficient. `LayerChoice.prefixes` lists the best 1, 2, ..., `count` of them, so that a
+later step (the build's strength search) can settle how many to steer at together.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ class LayerScore:
     def over_refusal_gain(self) -> float:
         return self.over_refusal - self.baseline_over_refusal
 
+    @property
+    def selective_gain(self) -> float:
+        """Refusal gain minus over-refusal gain: the score of the cell."""
+        return self.refusal_gain - self.over_refusal_gain
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -76,8 +84,8 @@ class LayerScore:
 class SelectionRule:
     """Budgets a (layer, scale) cell must keep, and how many layers to choose."""
 
-    max_kl: float = 1.0
-    max_over_refusal_gain: float = 0.5
+    max_kl: float = 2.0
+    max_over_refusal_gain: float = 0.75
     count: int = 2
 
     def __post_init__(self) -> None:
@@ -92,10 +100,11 @@ class SelectionRule:
     def describe(self) -> str:
         return (
             f"a (layer, scale) cell is admissible when its benign next-token KL <= {self.max_kl:g} "
-            f"and its benign over-refusal gain <= {self.max_over_refusal_gain:g}; a layer scores "
-            "the harmful refusal gain of its best admissible cell (ties: smaller KL, then smaller "
-            f"scale); the {self.count} best-scoring layers with a positive gain are chosen (ties: "
-            "smaller KL), each with its best cell's scale"
+            f"and its benign over-refusal gain <= {self.max_over_refusal_gain:g}; a cell scores "
+            "its harmful refusal gain minus its benign over-refusal gain; a layer scores its best "
+            "admissible cell (ties: smaller KL, then smaller scale); the "
+            f"{self.count} best-scoring layers with a positive score are chosen (ties: smaller "
+            "KL), each with its best cell's scale"
         )
 
 
@@ -105,21 +114,29 @@ class LayerChoice:
 
     scales: Mapping[int, float]
     best: Mapping[int, LayerScore]  # every layer with an admissible cell -> that cell
+    ranked: tuple[LayerScore, ...] = ()  # the chosen layers' best cells, best first
 
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.scales))
 
+    def prefixes(self) -> list[dict[int, float]]:
+        """The best layer, the best two, ..., all chosen ones: `{layer: scale}` each."""
+        return [
+            {cell.layer: cell.scale for cell in self.ranked[:size]}
+            for size in range(1, len(self.ranked) + 1)
+        ]
+
 
 def _best_cell(cells: Sequence[LayerScore]) -> LayerScore:
-    return max(cells, key=lambda s: (s.refusal_gain, -s.kl, -s.scale))
+    return max(cells, key=lambda s: (s.selective_gain, -s.kl, -s.scale))
 
 
 def select_layers(scores: Sequence[LayerScore], rule: SelectionRule) -> LayerChoice:
     """Apply `rule` to the measured cells (see the module docstring).
 
     Raises:
-        ValueError: no layer has an admissible cell with a positive refusal gain.
+        ValueError: no layer has an admissible cell with a positive score.
     """
     by_layer: dict[int, list[LayerScore]] = {}
     for score in scores:
@@ -127,16 +144,16 @@ def select_layers(scores: Sequence[LayerScore], rule: SelectionRule) -> LayerCho
             by_layer.setdefault(score.layer, []).append(score)
     best = {layer: _best_cell(cells) for layer, cells in by_layer.items()}
     ranked = sorted(
-        (cell for cell in best.values() if cell.refusal_gain > 0),
-        key=lambda cell: (-cell.refusal_gain, cell.kl, cell.layer),
+        (cell for cell in best.values() if cell.selective_gain > 0),
+        key=lambda cell: (-cell.selective_gain, cell.kl, cell.layer),
     )
     if not ranked:
         raise ValueError(
-            "no candidate layer gains refusals within the budgets "
+            "no candidate layer gains more refusals than over-refusals within the budgets "
             f"(KL <= {rule.max_kl:g}, over-refusal gain <= {rule.max_over_refusal_gain:g})"
         )
-    chosen = ranked[: rule.count]
-    return LayerChoice({cell.layer: cell.scale for cell in chosen}, best)
+    chosen = tuple(ranked[: rule.count])
+    return LayerChoice({cell.layer: cell.scale for cell in chosen}, best, chosen)
 
 
 # ----- measuring -------------------------------------------------------------------------------

@@ -1,17 +1,17 @@
 """The steering strength of a gated adapter, chosen on dev prompts on which its gate fires.
 
 Gated steering only touches prompts whose condition probes fire, so it can push harder than an
-always-on adapter could afford. For each candidate strength (a multiplier of the chosen
-per-layer scales) the harmful dev prompts that fire are answered greedily under gated
-steering, and two shares are measured:
+always-on adapter could afford. For each candidate setting (a set of steering layers with
+their scales, and a strength that multiplies the scales) the harmful dev prompts that fire
+are answered greedily under gated steering, and two shares are measured:
 
 - `refused`: answers the judge counts as refusals (refusal given fired);
 - `coherent`: answers that do not degenerate (`coherent_text`: no word run repeated over and
   over, no long answer made mostly of repeated words).
 
-The rule (`choose_strength`): among strengths whose coherent share is at least `min_coherent`,
-the one with the most refusals (ties: the smaller strength); when none is coherent enough, the
-most coherent one (ties: the smaller strength).
+The rule (`choose_strength`): among settings whose coherent share is at least `min_coherent`,
+the one with the most refusals (ties: fewer layers, then the smaller strength); when none is
+coherent enough, the most coherent one (same ties).
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ class StrengthScore:
     coherent: float
     benign_fired: int = 0
     benign_refused: float = 0.0
+    layers: tuple[int, ...] = ()  # the steering layers of the setting
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "layers": list(self.layers)}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> StrengthScore:
         return cls(
+            layers=tuple(int(layer) for layer in raw.get("layers", ())),
             strength=float(raw["strength"]),
             fired=int(raw["fired"]),
             refused=float(raw["refused"]),
@@ -62,9 +64,10 @@ class StrengthScore:
 
 def describe_rule(min_coherent: float) -> str:
     return (
-        f"among strengths whose gated answers are coherent at least {min_coherent:.0%} of the "
-        "time (harmful dev prompts that fire), the one with the most refusals (ties: the "
-        "smaller strength); if none is that coherent, the most coherent (ties: the smaller)"
+        f"among settings (layer set, strength) whose gated answers to the harmful dev prompts "
+        f"that fire are coherent at least {min_coherent:.0%} of the time, the one with the most "
+        "refusals (ties: fewer layers, then the smaller strength); if none is that coherent, "
+        "the most coherent (same ties)"
     )
 
 
@@ -78,5 +81,5 @@ def choose_strength(scores: Sequence[StrengthScore], min_coherent: float) -> Str
         raise ValueError("no strengths were measured")
     coherent = [s for s in scores if s.coherent >= min_coherent]
     if coherent:
-        return max(coherent, key=lambda s: (s.refused, -s.strength))
-    return max(scores, key=lambda s: (s.coherent, -s.strength))
+        return max(coherent, key=lambda s: (s.refused, -len(s.layers), -s.strength))
+    return max(scores, key=lambda s: (s.coherent, -len(s.layers), -s.strength))
