@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,13 @@ def test_a_family_can_merge_its_categories_orthogonally(loaded: LoadedModel) -> 
         tables[scheme] = basis.table(torch.tensor([[1.0, 1.0]]))[0, 1]
     assert torch.allclose(tables["naive"], 2 * vector)
     assert torch.allclose(tables["orthogonal"], vector, atol=1e-5)
+
+    # No scheme configured: each adapter steers under the scheme its recipe was calibrated for.
+    recipe = {"merge": "orthogonal"}
+    calibrated = replace(adapter, metadata=replace(adapter.metadata, recipe=recipe))
+    for held, expected in ((adapter, "naive"), (calibrated, "orthogonal")):
+        record = FamilyAdapters(loaded.family).add(held, origin="x", file_sha256="0", signer=None)
+        assert torch.equal(record.basis.table(torch.tensor([[1.0, 1.0]]))[0, 1], tables[expected])
 
 
 def test_an_unknown_merge_scheme_is_refused(tmp_path: Path) -> None:

@@ -36,13 +36,12 @@ from safesteer.adapters.build import (
 )
 from safesteer.adapters.build_command import add_build_arguments, config_from_args
 from safesteer.adapters.build_plot import PLOT_NAME
-from safesteer.adapters.evaluation.harness import merge_scheme
 from safesteer.adapters.evaluation.modes import GATED, ModeSet
 from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.extract import CategoryDirections, generate_responses
 from safesteer.adapters.layer_selection import SelectionRule
 from safesteer.adapters.loading import LoadedModel
-from safesteer.adapters.merging import MergingBasis
+from safesteer.adapters.merging import MergingBasis, merge_scheme
 from safesteer.adapters.prompts import HarmfulPrompt
 from safesteer.adapters.splits import BenignPrompt, benign_split, harmful_split
 from safesteer.adapters.strength import StrengthScore, choose_strength, coherent_text

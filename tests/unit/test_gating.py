@@ -307,9 +307,13 @@ def test_adapters_without_gate_still_load(tmp_path: Path, adapter: SafetyAdapter
 
     assert "gate" not in adapter.to_header()
     assert SafetyAdapter.load(path).metadata.gate is None
+
+
+def test_the_built_in_adapter_carries_a_gate_for_every_category() -> None:
     built_in = SafetyAdapter.load(BUILT_IN)
-    assert built_in.metadata.gate is None
-    assert not built_in.conditions
+    gate = built_in.metadata.gate
+    assert gate is not None and gate.detection_layer < min(built_in.layers)
+    assert set(built_in.conditions) == set(built_in.categories)
 
 
 @pytest.mark.parametrize(

@@ -193,9 +193,9 @@ def test_builtin_adapter_report() -> None:
         assert 1.0 <= ratios["orthogonal"][slot] < 1.5
         assert 0.8 < ratios["ties"][slot] < 1.2
     cosines = cosine_matrix(base.basis)
-    torch.testing.assert_close(cosines.diagonal(dim1=1, dim2=2), torch.ones(3, 10))
+    torch.testing.assert_close(cosines.diagonal(dim1=1, dim2=2), torch.ones(len(base.layers), 10))
     text = comparison_report(adapter)
-    assert "all 10 on" in text and "pairwise cosine similarity, layer 18" in text
+    assert "all 10 on" in text and f"pairwise cosine similarity, layer {base.layers[-1]}" in text
 
 
 def test_report_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

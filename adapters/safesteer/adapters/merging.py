@@ -34,8 +34,11 @@ vector), norms `n_c`, unit vectors `u_c` and a row's weights `w_c`:
     coordinate), but elementwise: `O(rows x categories x layers x hidden)` per row, no loop.
 
 All three give a lone category at weight `k` exactly `k v_c`. They differ in how strong a
-*mix* is: the adapters' coefficients are calibrated for the naive default mix (extract.py),
-so under `orthogonal` or `ties` a mix is weaker than the recipe's `scale` says.
+*mix* is, so an adapter's coefficients hold for one scheme: `safesteer extract` calibrates
+the naive default mix (under `orthogonal` or `ties` that mix is weaker than the recipe's
+`scale` says); `safesteer build-adapter` calibrates one category alone and names the scheme
+in the recipe's `merge` (`merge_scheme` reads it; the server and `safesteer eval` use it
+unless told otherwise).
 
 `python -m safesteer.adapters.merging --adapter FILE` prints, per layer, the pairwise cosines
 and the norm of the all-categories mix under each scheme relative to one category's norm.
@@ -156,6 +159,15 @@ def merge(
     if scheme == "ties":
         return ties_merge(basis, weights, density)
     raise ValueError(f"unknown merge scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+
+
+def merge_scheme(requested: str | None, adapter: SafetyAdapter | None) -> str:
+    """The scheme to steer with: `requested` when given, else the one the adapter's recipe
+    says its coefficients were calibrated for (`recipe["merge"]`), else `naive`."""
+    if requested is not None:
+        return requested
+    recipe_merge = adapter.metadata.recipe.get("merge") if adapter is not None else None
+    return recipe_merge if isinstance(recipe_merge, str) and recipe_merge in SCHEMES else "naive"
 
 
 @dataclass(frozen=True, eq=False)

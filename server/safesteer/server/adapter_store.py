@@ -18,7 +18,7 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.errors import AdapterError
 from safesteer.adapters.family import ModelFamily
 from safesteer.adapters.gating import PromptGate
-from safesteer.adapters.merging import MergingBasis
+from safesteer.adapters.merging import MergingBasis, merge_scheme
 from safesteer.adapters.signing import (
     Signature,
     SignatureError,
@@ -101,10 +101,11 @@ class FamilyAdapters:
         *,
         device: torch.device | str = "cpu",
         mandatory: dict[str, float] | None = None,
-        merge: str = "naive",
+        merge: str | None = None,
     ) -> None:
         self.family = family
         self.device = device
+        # None: each adapter combines its categories under the scheme it was calibrated for.
         self.merge = merge
         self.layers = tuple(range(family.num_layers))
         self.mandatory = dict(mandatory or {})
@@ -152,7 +153,7 @@ class FamilyAdapters:
                 return held
             basis = MergingBasis.of(
                 SteeringBasis.from_adapter(adapter, device=self.device, layers=self.layers),
-                self.merge,
+                merge_scheme(self.merge, adapter),
             )
             gate = (
                 PromptGate.from_adapter(adapter, device=self.device)

@@ -46,8 +46,9 @@ class FamilyEntry(_Strict):
     adapters: list[str] = Field(default_factory=list)
     active: str | None = None
     mandatory: dict[str, float] = Field(default_factory=dict)
-    # How the vectors of several categories on for one row combine (safesteer.adapters.merging).
-    merge: Literal["naive", "orthogonal", "ties"] = "naive"
+    # How the vectors of several categories on for one row combine (safesteer.adapters.merging);
+    # None: the scheme each adapter's recipe was calibrated for (else naive).
+    merge: Literal["naive", "orthogonal", "ties"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> FamilyEntry:

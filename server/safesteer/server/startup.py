@@ -131,7 +131,7 @@ def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | Non
             FamilyAdapters(
                 loaded.family,
                 mandatory=family_entry.mandatory if family_entry else None,
-                merge=family_entry.merge if family_entry else "naive",
+                merge=family_entry.merge if family_entry else None,
             ),
         )
     served = [

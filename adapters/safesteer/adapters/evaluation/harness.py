@@ -38,7 +38,7 @@ from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.evaluation.utility import reference_perplexity, score_questions
 from safesteer.adapters.judge import RefusalJudge
 from safesteer.adapters.loading import LoadedModel, load_model
-from safesteer.adapters.merging import SCHEMES
+from safesteer.adapters.merging import SCHEMES, merge_scheme
 
 BENCHMARKS: tuple[str, ...] = ("mmlu", "arc")
 PERPLEXITY = "perplexity"
@@ -214,15 +214,6 @@ class _Evaluation:
                 )
             )
         return rows, perplexities
-
-
-def merge_scheme(requested: str | None, adapter: SafetyAdapter | None) -> str:
-    """The merge scheme to evaluate under: the requested one, else the one the adapter's
-    recipe says it was calibrated for, else `naive`."""
-    if requested is not None:
-        return requested
-    recipe_merge = adapter.metadata.recipe.get("merge") if adapter is not None else None
-    return recipe_merge if isinstance(recipe_merge, str) and recipe_merge in SCHEMES else "naive"
 
 
 def _settings(config: EvalConfig, merge: str) -> dict[str, Any]:
