@@ -24,30 +24,31 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from safesteer.adapters.loading import load_model
 
 PROMPT = "Write a long story about topic number {i} and its history."
 
 
-def int8_dynamic(model: nn.Module) -> nn.Module:
+def int8_dynamic(model: PreTrainedModel) -> PreTrainedModel:
     """A copy of `model` with every `nn.Linear` (the LM head too) in dynamic int8."""
     from torch.ao.quantization import quantize_dynamic
 
     quantized = copy.deepcopy(model)
+    body, head = quantized.get_submodule("model"), quantized.get_submodule("lm_head")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantized.model = quantize_dynamic(quantized.model, {nn.Linear}, dtype=torch.qint8)
-        head = quantize_dynamic(nn.Sequential(quantized.lm_head), {nn.Linear}, dtype=torch.qint8)
-    quantized.lm_head = head[0]
+        quantized.model = quantize_dynamic(body, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+        wrapped = quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+    quantized.lm_head = wrapped[0]
     return quantized
 
 
 class Decoder:
     """Greedy decoding of one left-padded batch with a growing `DynamicCache`."""
 
-    def __init__(self, model: nn.Module, ids: list[list[int]], pad: int) -> None:
+    def __init__(self, model: PreTrainedModel, ids: list[list[int]], pad: int) -> None:
         self.model = model
         width = max(map(len, ids))
         self.input = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
@@ -87,7 +88,7 @@ def timed(fn: Callable[[], object], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def report(name: str, model: nn.Module, ids: list[list[int]], pad: int, steps: int) -> None:
+def report(name: str, model: PreTrainedModel, ids: list[list[int]], pad: int, steps: int) -> None:
     with torch.inference_mode():
         batch = Decoder(model, ids, pad)
         for _ in range(5):
