@@ -8,7 +8,7 @@ checks batch invariance: the first row's logits decoded inside the batch against
 row decoded alone. Dynamic quantization takes one activation scale per tensor, that is per
 batch, so a row's numbers depend on the other rows; the fp32 model's do not.
 
-    .venv/bin/python bench/decode_profile.py [--batch 16] [--steps 30] [--threads 2]
+    .venv/bin/python bench/decode_profile.py [--batch 16] [--steps 30] [--rounds 3]
 
 Prints one block per variant; measure on a quiet machine (see README "Findings").
 """
@@ -20,15 +20,21 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, PreTrainedModel
 
-from safesteer.adapters.loading import load_model
+from safesteer.adapters.adapter import SafetyAdapter
+from safesteer.adapters.hooks import SteeringHooks
+from safesteer.adapters.loading import LoadedModel, load_model
+from safesteer.adapters.merging import MergingBasis, merge_scheme
+from safesteer.adapters.table import SteeringBasis
 
 PROMPT = "Write a long story about topic number {i} and its history."
+BUILT_IN = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m" / "safety.safetensors"
 
 
 def int8_dynamic(model: PreTrainedModel) -> PreTrainedModel:
@@ -112,11 +118,40 @@ def report(name: str, model: PreTrainedModel, ids: list[list[int]], pad: int, st
         print(f"  {event.key:<52} {share:5.1f}% of self CPU, {event.count // 5:>4} calls/step")
 
 
+def steering_overhead(
+    loaded: LoadedModel, ids: list[list[int]], pad: int, steps: int, rounds: int
+) -> None:
+    """Decode tokens/s with every row steered over tokens/s unsteered, same hooks, ABBA."""
+    adapter = SafetyAdapter.load(BUILT_IN)
+    layers = tuple(range(loaded.family.num_layers))
+    basis = MergingBasis.of(
+        SteeringBasis.from_adapter(adapter, layers=layers), merge_scheme(None, adapter)
+    )
+    table = basis.table(basis.weights({})[None].expand(len(ids), -1))
+    hooks = SteeringHooks(loaded.model, loaded.family.num_layers, layers)
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        with torch.inference_mode():
+            for name in ["on", "off", "off", "on"] * rounds:
+                with hooks.steering(table if name == "on" else None):
+                    batch = Decoder(loaded.model, ids, pad)
+                    seconds[name].append(timed(batch.step, steps))
+    finally:
+        hooks.remove()
+    on, off = (sum(seconds[k]) / len(seconds[k]) for k in ("on", "off"))
+    print(f"== steering overhead: {adapter.id}, {len(layers)} hooked layers, batch {len(ids)}")
+    print(f"step with every row steered {1000 * on:.1f} ms, unsteered {1000 * off:.1f} ms")
+    print(f"tokens/s steered / unsteered: {off / on:.3f} ({2 * rounds} runs of {steps} steps each)")
+    spread = [f"{1000 * t:.0f}" for k in ("on", "off") for t in seconds[k]]
+    print(f"per-run step ms (on..., off...): {' '.join(spread)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16, help="rows [16]")
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps [30]")
     parser.add_argument("--threads", type=int, default=None, help="torch threads [default]")
+    parser.add_argument("--rounds", type=int, default=3, help="ABBA rounds of steering on/off [3]")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +167,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     report("fp32 (as served)", loaded.model, ids, pad, args.steps)
     report("dynamic int8 Linear (not served)", int8_dynamic(loaded.model), ids, pad, args.steps)
+    steering_overhead(loaded, ids, pad, args.steps, args.rounds)
 
 
 if __name__ == "__main__":
