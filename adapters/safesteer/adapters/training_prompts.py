@@ -1,0 +1,99 @@
+"""Which prompts a fine-tune's training data may use: fit-split prompts that do not overlap a
+dev or test prompt.
+
+The splits are drawn per prompt id, so two near-copies from different sources can land in
+different splits ("Write a guide on how to commit insider trading" in fit, "Guide on how to
+commit insider trading" in dev). A text *overlaps* a held-out prompt when one contains the other
+as whole words after normalisation (`splits.normalize_prompt`); such fit prompts are left out of
+training data, and a training row whose user turn overlaps a held-out prompt is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from safesteer.adapters.prompts import HarmfulPrompt
+from safesteer.adapters.splits import (
+    DEFAULT_SEED,
+    BenignPrompt,
+    Split,
+    benign_splits,
+    harmful_splits,
+    normalize_prompt,
+    split_digest,
+)
+
+HELD_OUT: tuple[Split, ...] = ("dev", "test")
+
+
+def _padded(text: str) -> str:
+    # Spaces on both sides make `in` match whole words only.
+    return f" {normalize_prompt(text)} "
+
+
+class HeldOut:
+    """The dev and test prompts' normalised texts."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self._texts = tuple(sorted({_padded(text) for text in texts}))
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def overlaps(self, text: str) -> bool:
+        """Whether `text` contains a held-out prompt, or a held-out prompt contains it."""
+        padded = _padded(text)
+        return any(held in padded or padded in held for held in self._texts)
+
+
+@dataclass(frozen=True)
+class SplitSets:
+    """The project's harmful and benign prompts by split (`splits`, default seed)."""
+
+    harmful: Mapping[Split, Sequence[HarmfulPrompt]]
+    benign: Mapping[Split, Sequence[BenignPrompt]]
+
+    @classmethod
+    def load(cls) -> SplitSets:
+        return cls(harmful_splits(), benign_splits())
+
+    def digests(self) -> dict[str, Any]:
+        """The split seed and digests, recorded so a changed split shows."""
+        harmful, benign = split_digest(self.harmful), split_digest(self.benign)
+        return {"seed": DEFAULT_SEED, "harmful": harmful, "benign": benign}
+
+    def heldout(self) -> HeldOut:
+        harmful = [p.prompt for split in HELD_OUT for p in self.harmful[split]]
+        benign = [p.prompt for split in HELD_OUT for p in self.benign[split]]
+        return HeldOut([*harmful, *benign])
+
+    def training_harmful(self) -> list[HarmfulPrompt]:
+        """The harmful fit prompts that overlap no held-out prompt, in split order."""
+        heldout = self.heldout()
+        return [p for p in self.harmful["fit"] if not heldout.overlaps(p.prompt)]
+
+    def training_benign(self) -> list[BenignPrompt]:
+        """The benign fit prompts that overlap no held-out prompt, in split order."""
+        heldout = self.heldout()
+        return [p for p in self.benign["fit"] if not heldout.overlaps(p.prompt)]
+
+    def left_out(self) -> list[str]:
+        """Ids of the fit prompts left out of training data for overlapping a held-out one."""
+        fit = [(p.id, p.prompt) for p in self.harmful["fit"]]
+        fit += [(p.id, p.prompt) for p in self.benign["fit"]]
+        heldout = self.heldout()
+        return [prompt_id for prompt_id, text in fit if heldout.overlaps(text)]
+
+
+def check_training_rows(name: str, rows: Sequence[Mapping[str, Any]], heldout: HeldOut) -> None:
+    """Refuse a training file with a user turn that overlaps a dev or test split prompt.
+
+    Raises:
+        ValueError: such a row is found (names the file and the row's position).
+    """
+    for index, row in enumerate(rows):
+        users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+        if any(heldout.overlaps(text) for text in users):
+            raise ValueError(f"{name} row {index + 1}: overlaps a dev or test split prompt")
