@@ -122,7 +122,7 @@ def test_config_refuses_unknown_methods_and_poolings() -> None:
         _config("contrastive")
     with pytest.raises(ValueError, match="pooling"):
         _config(pooling="max")
-    assert EXTRACTION_METHODS == ("contrastive", "diffmean", "pca")
+    assert EXTRACTION_METHODS == ("contrastive", "diffmean", "pca", "aligned-gap")
 
 
 def test_directions_from_activations_per_method() -> None:

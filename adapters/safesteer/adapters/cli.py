@@ -1,5 +1,5 @@
 """Toolkit subcommands of the `safesteer` command: `inspect`, `extract`, `export-gguf`,
-`eval`, `build-adapter`, `finetune`, `zoo-data`.
+`eval`, `build-adapter`, `calibrate`, `finetune`, `zoo-data`.
 
 The server package adds `serve` on top (dependency direction: server -> adapters).
 Each subcommand sets `func(args) -> int` (the exit status).
@@ -15,6 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from safesteer.adapters.adapter import SafetyAdapter
+from safesteer.adapters.aligned_gap import (
+    GAP_METHODS,
+    GapConfig,
+    build_gap_adapter,
+    extract_gap_directions,
+)
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.errors import AdapterError, ModelLoadError
 from safesteer.adapters.extract import (
@@ -222,9 +228,76 @@ def _extract_prompt_side(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gap_config(args: argparse.Namespace) -> GapConfig:
+    return GapConfig(
+        layers=args.layers,
+        scale=args.scale,
+        seed=args.seed,
+        categories=args.categories,
+        max_prompts_per_category=args.max_prompts_per_category or None,
+        pooling=args.pooling,
+        benign_baseline=args.benign_baseline,
+        max_benign_prompts=args.max_benign_prompts or None,
+        batch_size=args.batch_size,
+        name=args.name,
+        show_progress=not args.quiet,
+    )
+
+
+def _extract_aligned_gap(args: argparse.Namespace) -> int:
+    if args.aligned is None or args.degraded is None:
+        print(
+            "error: --method aligned-gap needs --aligned MODEL and --degraded MODEL",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        config = _gap_config(args)
+        settings = [(config.layers, config.scale), *args.probe_grid]
+        aligned = load_model(args.aligned)
+        degraded = load_model(args.degraded)
+        started = time.perf_counter()
+        through = max(layer for layers, _ in settings for layer in layers)
+        extraction = extract_gap_directions(aligned, degraded, config, through_layer=through)
+        adapter = build_gap_adapter(aligned, degraded, extraction, config)
+        seconds = time.perf_counter() - started
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    baseline = f" minus the gap on {len(extraction.benign)} benign" if extraction.benign else ""
+    print(
+        f"extracted {adapter.id} (aligned-gap, {config.pooling} pooling) in {seconds:.0f} s: "
+        f"{aligned.name} minus {degraded.name} on {len(extraction.harmful)} harmful "
+        f"fit-split prompts{baseline}"
+    )
+    counts = {c: len(extraction.rows(c)) for c in config.categories}
+    print("prompts per category: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    _print_layers(extraction.directions, adapter.layers, config.scale)
+    if args.out is not None:
+        print(f"wrote {adapter.save(args.out)}")
+    if args.probe:
+
+        def build(layers: tuple[int, ...], scale: float) -> SafetyAdapter:
+            return build_gap_adapter(
+                aligned, degraded, extraction, config, layers=layers, scale=scale
+            )
+
+        print(f"probing the degraded model {degraded.name}")
+        _run_probe(degraded, build, settings, args)
+    return 0
+
+
 def _extract(args: argparse.Namespace) -> int:
     if args.out is None and not args.probe:
         print("error: give --out FILE, --probe, or both", file=sys.stderr)
+        return 2
+    if args.method in GAP_METHODS:
+        return _extract_aligned_gap(args)
+    if args.aligned is not None or args.degraded is not None or args.benign_baseline:
+        print(
+            "error: --aligned, --degraded and --benign-baseline go with --method aligned-gap",
+            file=sys.stderr,
+        )
         return 2
     if args.method in PROMPT_METHODS:
         return _extract_prompt_side(args)
@@ -272,6 +345,7 @@ def add_toolkit_commands(commands: Any) -> None:
     _add_export_gguf_command(commands)
     _add_eval_command(commands)
     _add_build_command(commands)
+    _add_calibrate_command(commands)
     _add_finetune_command(commands)
     _add_zoo_data_command(commands)
 
@@ -287,7 +361,10 @@ def _add_extract_command(commands: Any) -> None:
             "a teacher-forced compliance). Method 'diffmean': the category's harmful prompts' "
             "mean pooled prompt activation minus the benign prompts' (fit split). Method 'pca': "
             "the first principal direction of (harmful prompt - matched benign prompt) "
-            "activations, sign-aligned with and scaled to the diffmean direction. Coefficients "
+            "activations, sign-aligned with and scaled to the diffmean direction. Method "
+            "'aligned-gap' (SafeGene; --aligned A --degraded D, two models of one family): the "
+            "mean over the category's harmful fit-split prompts of A's pooled prompt activation "
+            "minus D's, i.e. what the degraded fine-tune lost. Coefficients "
             "make the default mix (every category at weight 1) add SCALE x the typical residual "
             "norm at each chosen layer."
         ),
@@ -295,7 +372,8 @@ def _add_extract_command(commands: Any) -> None:
     extract.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"packaged model name, Hugging Face folder or .gguf file (default {DEFAULT_MODEL})",
+        help="packaged model name, Hugging Face folder or .gguf file, optionally +LORA_DIR; "
+        f"not used by aligned-gap (default {DEFAULT_MODEL})",
     )
     extract.add_argument(
         "--out", default=None, help="adapter file to write (.safetensors); optional with --probe"
@@ -305,20 +383,42 @@ def _add_extract_command(commands: Any) -> None:
         choices=EXTRACTION_METHODS,
         default="contrastive",
         help="contrastive (responses, teacher-forced), diffmean or pca (prompts only, fit "
-        "split; much faster) (default contrastive)",
+        "split; much faster), aligned-gap (an aligned and a degraded model, prompts only) "
+        "(default contrastive)",
+    )
+    extract.add_argument(
+        "--aligned",
+        default=None,
+        metavar="MODEL",
+        help="aligned-gap: the aligned model (a model source, e.g. "
+        "smollm2-135m-instruct+finetunes/aligned)",
+    )
+    extract.add_argument(
+        "--degraded",
+        default=None,
+        metavar="MODEL",
+        help="aligned-gap: the safety-degraded fine-tune of it, same family (e.g. "
+        "smollm2-135m-instruct+finetunes/aligned+finetunes/arith); the adapter is made for it",
+    )
+    extract.add_argument(
+        "--benign-baseline",
+        action="store_true",
+        help="aligned-gap: subtract the models' mean gap on benign fit-split prompts (the "
+        "fine-tune's drift on harmless prompts)",
     )
     extract.add_argument(
         "--pooling",
         choices=("last", "mean"),
         default="last",
-        help="diffmean/pca: pool each prompt's activations at its last token or over its "
-        "tokens (default last)",
+        help="diffmean/pca/aligned-gap: pool each prompt's activations at its last token or "
+        "over its tokens (default last)",
     )
     extract.add_argument(
         "--max-benign-prompts",
         type=int,
         default=0,
-        help="diffmean/pca: cap on benign fit-split prompts, seeded; 0 for all (default 0)",
+        help="diffmean/pca (and aligned-gap's benign baseline): cap on benign fit-split "
+        "prompts, seeded; 0 for all (default 0)",
     )
     extract.add_argument(
         "--layers",
@@ -350,8 +450,8 @@ def _add_extract_command(commands: Any) -> None:
         "--max-prompts-per-category",
         type=int,
         default=24,
-        help="cap on harmful prompts per category, those with reference answers first; "
-        "0 for no cap (default 24)",
+        help="cap on harmful prompts per category (contrastive: those with reference answers "
+        "first; others: seeded sample of the fit split); 0 for no cap (default 24)",
     )
     extract.add_argument(
         "--max-response-tokens",
@@ -494,6 +594,23 @@ def _add_build_command(commands: Any) -> None:
     )
     add_build_arguments(build)
     build.set_defaults(func=run_build_command)
+
+
+def _add_calibrate_command(commands: Any) -> None:
+    from safesteer.adapters.calibrate_command import (
+        DESCRIPTION,
+        add_calibrate_arguments,
+        run_calibrate_command,
+    )
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="recalibrate a family adapter's per-layer coefficients for a fine-tune from a few "
+        "prompts",
+        description=DESCRIPTION,
+    )
+    add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=run_calibrate_command)
 
 
 def _add_finetune_command(commands: Any) -> None:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 
 from safesteer.adapters.adapter import POOLINGS, AdapterMetadata, CategorySpec, SafetyAdapter
+from safesteer.adapters.aligned_gap import GAP_METHODS
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.diffmean import difference_of_means
 from safesteer.adapters.extract import METHODS as RESPONSE_METHODS
@@ -45,8 +46,9 @@ from safesteer.adapters.splits import DEFAULT_SEED, BenignPrompt, benign_split, 
 
 PROMPT_METHODS: tuple[str, ...] = ("diffmean", "pca")
 _T = TypeVar("_T")
-# Every method `safesteer extract --method` knows; contrastive lives in extract.py.
-EXTRACTION_METHODS: tuple[str, ...] = (*RESPONSE_METHODS, *PROMPT_METHODS)
+# Every method `safesteer extract --method` knows; contrastive lives in extract.py, aligned-gap
+# (two models) in aligned_gap.py.
+EXTRACTION_METHODS: tuple[str, ...] = (*RESPONSE_METHODS, *PROMPT_METHODS, *GAP_METHODS)
 DESCRIPTIONS: Mapping[str, str] = {
     "diffmean": (
         "per category, per layer: mean pooled prompt activation of the category's harmful "
