@@ -6,6 +6,7 @@ hooks behind cannot leak them into another test.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -28,6 +29,20 @@ from safesteer.adapters.adapter import AdapterMetadata, CategorySpec, SafetyAdap
 from safesteer.adapters.family import ModelFamily
 
 ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "gemma", "mistral")
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    """A test that runs `safesteer serve`'s CLI configures the root logger (handler on the
+    test's captured stderr, level): put it back so later tests neither log to a closed stream
+    nor see other levels."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 TINY_HIDDEN_SIZE = 64
 TINY_NUM_LAYERS = 4
 TINY_VOCAB_SIZE = 128
