@@ -35,7 +35,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import torch
@@ -45,8 +44,9 @@ from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.extract import (
     CategoryDirections,
     chat_prompt_ids,
-    layer_coefficients,
     mix_norm_ratio,
+    package_version,
+    scaled_vectors,
 )
 from safesteer.adapters.gating import prompt_activations
 from safesteer.adapters.loading import LoadedModel
@@ -242,11 +242,6 @@ def extract_gap_directions(
 
 
 # ----- the adapter ------------------------------------------------------------------------------
-def _package_version() -> str:
-    try:
-        return version("safesteer")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _model_record(loaded: LoadedModel) -> dict[str, str]:
@@ -300,16 +295,7 @@ def build_gap_adapter(
     directions = extraction.directions
     layers = tuple(sorted(layers if layers is not None else config.layers))
     scale = scale if scale is not None else config.scale
-    for layer in layers:
-        if not 0 <= layer < directions.num_layers:
-            raise ValueError(
-                f"no direction for layer {layer}: extracted layers 0..{directions.num_layers - 1}"
-            )
-    coefficients = layer_coefficients(directions, layers, scale)
-    vectors = {
-        category: {layer: directions.vector(category, layer).clone() for layer in layers}
-        for category in directions.categories
-    }
+    coefficients, vectors = scaled_vectors(directions, layers, scale)
     gap_norms = directions.vectors.norm(dim=-1).mean(dim=0)  # [layers]
     recipe: dict[str, Any] = {
         "method": METHOD,
@@ -343,7 +329,7 @@ def build_gap_adapter(
         "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
         "gap_norm_from_layer_0": [round(float(n), 3) for n in gap_norms],
         "data": _data_recipe(extraction),
-        "safesteer_version": _package_version(),
+        "safesteer_version": package_version(),
     }
     name = config.name or f"{degraded.family.alias}-safety-{METHOD}"
     specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}

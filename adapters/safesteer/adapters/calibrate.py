@@ -53,14 +53,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from safesteer.adapters.adapter import SafetyAdapter
-from safesteer.adapters.extract import chat_prompt_ids
+from safesteer.adapters.extract import chat_prompt_ids, package_version
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.merging import MergingBasis, merge_scheme
@@ -561,13 +560,6 @@ def with_calibration_fields(adapter: SafetyAdapter, **fields: Any) -> SafetyAdap
     return SafetyAdapter(metadata, adapter.vectors, adapter.coefficients, adapter.conditions)
 
 
-def _package_version() -> str:
-    try:
-        return version("safesteer")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _model_record(loaded: LoadedModel) -> dict[str, str]:
     return {"name": loaded.name, "source": loaded.source, "fingerprint": loaded.fingerprint}
 
@@ -632,5 +624,5 @@ def _calibration_recipe(
         "grid_points": [p.to_json() for p in points],
         "forward_passes": passes,
         "seconds": round(seconds, 2),
-        "safesteer_version": _package_version(),
+        "safesteer_version": package_version(),
     }

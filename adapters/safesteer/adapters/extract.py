@@ -443,7 +443,28 @@ def layer_coefficients(
     return coefficients
 
 
-def _package_version() -> str:
+def scaled_vectors(
+    directions: CategoryDirections, layers: Sequence[int], scale: float
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, torch.Tensor]]]:
+    """`(coefficients, vectors)` of every category at `layers`: `layer_coefficients` and a copy
+    of each direction there.
+
+    Raises:
+        ValueError: a layer has no direction, or a direction is zero.
+    """
+    available = directions.num_layers
+    for layer in layers:
+        if not 0 <= layer < available:
+            raise ValueError(f"no direction for layer {layer}: extracted layers 0..{available - 1}")
+    vectors = {
+        category: {layer: directions.vector(category, layer).clone() for layer in layers}
+        for category in directions.categories
+    }
+    return layer_coefficients(directions, layers, scale), vectors
+
+
+def package_version() -> str:
+    """The installed safesteer version, recorded in recipes ("unknown" when not installed)."""
     try:
         return version("safesteer")
     except PackageNotFoundError:
@@ -490,15 +511,7 @@ def build_adapter(
     """The adapter for `layers` at `scale` (default: the config's) from extracted directions."""
     layers = tuple(sorted(layers if layers is not None else config.layers))
     scale = scale if scale is not None else config.scale
-    available = directions.num_layers
-    for layer in layers:
-        if not 0 <= layer < available:
-            raise ValueError(f"no direction for layer {layer}: extracted layers 0..{available - 1}")
-    coefficients = layer_coefficients(directions, layers, scale)
-    vectors = {
-        category: {layer: directions.vector(category, layer).clone() for layer in layers}
-        for category in directions.categories
-    }
+    coefficients, vectors = scaled_vectors(directions, layers, scale)
     recipe: dict[str, Any] = {
         "method": config.method,
         "description": (
@@ -525,7 +538,7 @@ def build_adapter(
         "mix_norm_ratio": {str(la): round(mix_norm_ratio(directions, la), 4) for la in layers},
         "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
         "data": _data_recipe(directions),
-        "safesteer_version": _package_version(),
+        "safesteer_version": package_version(),
     }
     name = config.name or f"{loaded.family.alias}-safety"
     specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}

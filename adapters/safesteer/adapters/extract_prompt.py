@@ -27,7 +27,6 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import torch
@@ -37,7 +36,12 @@ from safesteer.adapters.aligned_gap import GAP_METHODS
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.diffmean import difference_of_means
 from safesteer.adapters.extract import METHODS as RESPONSE_METHODS
-from safesteer.adapters.extract import CategoryDirections, layer_coefficients, mix_norm_ratio
+from safesteer.adapters.extract import (
+    CategoryDirections,
+    mix_norm_ratio,
+    package_version,
+    scaled_vectors,
+)
 from safesteer.adapters.gating import prompt_activations
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.principal import principal_directions
@@ -233,11 +237,6 @@ def extract_prompt_directions(
 
 
 # ----- the adapter ------------------------------------------------------------------------------
-def _package_version() -> str:
-    try:
-        return version("safesteer")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _data_recipe(extraction: PromptDirections) -> dict[str, Any]:
@@ -281,16 +280,7 @@ def build_prompt_adapter(
     directions = extraction.directions
     layers = tuple(sorted(layers if layers is not None else config.layers))
     scale = scale if scale is not None else config.scale
-    for layer in layers:
-        if not 0 <= layer < directions.num_layers:
-            raise ValueError(
-                f"no direction for layer {layer}: extracted layers 0..{directions.num_layers - 1}"
-            )
-    coefficients = layer_coefficients(directions, layers, scale)
-    vectors = {
-        category: {layer: directions.vector(category, layer).clone() for layer in layers}
-        for category in directions.categories
-    }
+    coefficients, vectors = scaled_vectors(directions, layers, scale)
     recipe: dict[str, Any] = {
         "method": extraction.method,
         "description": DESCRIPTIONS[extraction.method],
@@ -316,7 +306,7 @@ def build_prompt_adapter(
         "mix_norm_ratio": {str(la): round(mix_norm_ratio(directions, la), 4) for la in layers},
         "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
         "data": _data_recipe(extraction),
-        "safesteer_version": _package_version(),
+        "safesteer_version": package_version(),
     }
     name = config.name or f"{loaded.family.alias}-safety-{extraction.method}"
     specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}
