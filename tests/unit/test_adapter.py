@@ -95,7 +95,22 @@ def test_save_load_round_trip(tmp_path: Path, random_adapter: AdapterFactory) ->
     assert loaded.payload_sha256 == original.payload_sha256
     assert loaded.id == original.id
     assert re.fullmatch(r"tiny@[0-9a-f]{12}", loaded.id)
-    assert loaded.id == f"tiny@{original.payload_sha256[:12]}"
+    assert loaded.id == f"tiny@{original.steering_sha256[:12]}"
+    assert loaded.steering_sha256 == original.steering_sha256
+
+
+def test_the_id_changes_with_the_coefficients_and_the_payload_sha_does_not(
+    adapter: SafetyAdapter,
+) -> None:
+    stronger = replace(
+        adapter,
+        coefficients={
+            c: {la: 2 * k for la, k in per.items()} for c, per in adapter.coefficients.items()
+        },
+    )
+    assert stronger.payload_sha256 == adapter.payload_sha256
+    assert stronger.id != adapter.id
+    assert stronger.id.split("@")[0] == adapter.id.split("@")[0]
 
 
 def test_payload_sha256_is_stable_and_tracks_tensors(

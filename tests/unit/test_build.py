@@ -27,7 +27,9 @@ from safesteer.adapters.build import (
     BuildData,
     BuildResult,
     BuildSummary,
+    GateCandidate,
     build,
+    choose_gate,
     gated_coefficients,
     project_data,
     sample_benign,
@@ -214,10 +216,38 @@ def test_gated_coefficients_are_exact() -> None:
         gated_coefficients(directions, {2: 0.2}, strength=1.0)
 
 
-def test_a_detection_layer_must_lie_below_the_chosen_layers(loaded: LoadedModel) -> None:
-    config = tiny_config(candidate_layers=(1, 3), detection_layers=(1, 2))
-    with pytest.raises(ValueError, match="no detection layer"):
-        build(loaded, config, tiny_data(), judge=DiffersFromPlain(loaded))
+def test_steering_layers_lie_above_the_chosen_detection_layer(loaded: LoadedModel) -> None:
+    config = tiny_config(candidate_layers=(1, 3), detection_layers=(0, 2, 3))
+    result = build(loaded, config, tiny_data(), judge=DiffersFromPlain(loaded))
+    summary = result.summary
+    # Layer 3 is not tried as a detection layer: no candidate steering layer lies above it.
+    assert {g.layer for g in summary.gate_candidates} == {0, 2}
+    assert {g.pooling for g in summary.gate_candidates} == {"mean", "last"}
+    assert all(s.layer > summary.detection_layer for s in summary.layer_scores)
+    assert min(summary.layers) > summary.detection_layer
+    gate = result.adapter.metadata.gate
+    assert gate is not None
+    assert (gate.detection_layer, gate.pooling) == (
+        summary.detection_layer,
+        summary.detection_pooling,
+    )
+    chosen = choose_gate(summary.gate_candidates)
+    assert chosen.key == (summary.detection_layer, summary.detection_pooling)
+    assert summary.exposure.harmful == pytest.approx(chosen.harmful_tpr)
+    assert summary.exposure.benign == pytest.approx(chosen.benign_fpr)
+
+
+def test_the_gate_with_the_best_youden_index_wins() -> None:
+    def gate(layer: int, pooling: str, tpr: float, fpr: float) -> GateCandidate:
+        return GateCandidate(layer, tpr, fpr, {}, pooling)
+
+    # The highest TPR loses to a lower one that fires on fewer benign prompts.
+    eager, careful = gate(8, "mean", 0.94, 0.05), gate(4, "last", 0.92, 0.02)
+    assert choose_gate([eager, careful]) == careful
+    # Ties: the lower FPR, then the deeper layer, then mean pooling.
+    assert choose_gate([gate(4, "mean", 0.75, 0.0), gate(6, "mean", 0.875, 0.125)]).layer == 4
+    assert choose_gate([gate(4, "mean", 0.9, 0.02), gate(6, "last", 0.9, 0.02)]).layer == 6
+    assert choose_gate([gate(6, "last", 0.9, 0.02), gate(6, "mean", 0.9, 0.02)]).pooling == "mean"
 
 
 @pytest.mark.parametrize(
@@ -227,6 +257,8 @@ def test_a_detection_layer_must_lie_below_the_chosen_layers(loaded: LoadedModel)
         {"strengths": (0.0,)},
         {"detection_layers": (5,), "candidate_layers": (3,)},
         {"merge": "mean"},
+        {"poolings": ()},
+        {"poolings": ("max",)},
         {"target_fpr": 0.0},
     ],
 )
@@ -258,11 +290,17 @@ def test_samples_are_seeded_and_spread() -> None:
 
 
 # ----- the strength rule and coherence ------------------------------------------------------------
+def score(
+    strength: float, refused: float, coherent: float, both: float, **kw: Any
+) -> StrengthScore:
+    return StrengthScore(strength, 40, refused, coherent, refused_coherent=both, **kw)
+
+
 def test_ties_between_layer_sets_go_to_fewer_layers() -> None:
     scores = [
-        StrengthScore(0.8, 40, refused=0.9, coherent=0.9, layers=(14, 18)),
-        StrengthScore(1.0, 40, refused=0.9, coherent=0.9, layers=(14,)),
-        StrengthScore(0.6, 40, refused=0.8, coherent=1.0, layers=(14,)),
+        score(0.8, 0.9, 0.9, 0.85, layers=(14, 18)),
+        score(1.0, 0.9, 0.9, 0.85, layers=(14,)),
+        score(0.6, 0.8, 1.0, 0.8, layers=(14,)),
     ]
     assert choose_strength(scores, min_coherent=0.8) == scores[1]
     assert StrengthScore.from_json(scores[0].to_json()) == scores[0]
@@ -276,17 +314,22 @@ def test_every_layer_set_is_tried_at_every_strength(built: BuildResult) -> None:
     assert tuple(sorted(built.summary.layers)) in sets
 
 
-def test_the_strongest_refusal_among_coherent_strengths_wins() -> None:
+def test_the_most_coherent_refusals_among_coherent_strengths_win() -> None:
     scores = [
-        StrengthScore(0.5, 40, refused=0.7, coherent=0.98),
-        StrengthScore(0.8, 40, refused=0.9, coherent=0.9),
-        StrengthScore(1.1, 40, refused=0.9, coherent=0.85),
-        StrengthScore(1.4, 40, refused=1.0, coherent=0.5),
+        score(0.5, 0.7, 0.98, 0.7),
+        score(0.8, 0.98, 0.96, 0.94),
+        score(1.0, 1.0, 0.89, 0.89),  # one more refusal, but more of them degenerate
+        score(1.1, 0.98, 0.97, 0.94),
+        score(1.4, 1.0, 0.5, 0.5),
     ]
     assert choose_strength(scores, min_coherent=0.8).strength == 0.8  # tie: the smaller
-    assert choose_strength(scores, min_coherent=0.95).strength == 0.5
+    assert choose_strength(scores, min_coherent=0.97).strength == 1.1
+    assert choose_strength(scores, min_coherent=0.975).strength == 0.5
     assert choose_strength(scores, min_coherent=0.99).strength == 0.5  # none: most coherent
     assert StrengthScore.from_json(scores[1].to_json()) == scores[1]
+    # A recipe written before the joint share was measured reads its lower bound.
+    old = {k: v for k, v in scores[2].to_json().items() if k != "refused_coherent"}
+    assert StrengthScore.from_json(old).refused_coherent == pytest.approx(0.89)
     with pytest.raises(ValueError):
         choose_strength([], 0.8)
 

@@ -16,6 +16,7 @@ import torch
 from safesteer.adapters.extract import chat_prompt_ids
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.layer_selection import (
+    Exposure,
     LayerScore,
     SelectionRule,
     first_token_logprobs,
@@ -68,6 +69,22 @@ def test_a_selective_layer_beats_one_that_makes_everything_refuse() -> None:
     choice = select_layers(scores, SelectionRule(max_kl=1.0, count=1))
     assert choice.layers == (16,)
     assert scores[1].selective_gain == pytest.approx(0.55)
+
+
+def test_behind_a_gate_the_layer_that_refuses_most_wins() -> None:
+    # Always-on, layer 12 makes too many benign prompts refuse; behind a gate that fires on 4%
+    # of benign and 90% of harmful prompts, that cost is small and its larger gain wins.
+    scores = [cell(12, 0.3, 0.9, 0.5, over=0.9), cell(16, 0.3, 0.7, 0.5, over=0.05)]
+    rule = SelectionRule(max_kl=1.0, max_over_refusal_gain=0.75, count=1)
+    assert select_layers(scores, rule).layers == (16,)
+    gated = Exposure(harmful=0.9, benign=0.04)
+    choice = select_layers(scores, rule, gated)
+    assert choice.layers == (12,)
+    assert gated.selective_gain(scores[0]) == pytest.approx(0.9 * 0.8 - 0.04 * 0.9)
+    # A gate that fires on every benign prompt is no gate: the always-on choice comes back.
+    assert select_layers(scores, rule, Exposure(harmful=1.0, benign=1.0)).layers == (16,)
+    with pytest.raises(ValueError):
+        Exposure(harmful=1.2)
 
 
 def test_ties_go_to_the_smaller_kl_then_the_smaller_scale() -> None:

@@ -24,6 +24,7 @@ from safesteer.adapters.splits import (
     MIN_GROUP_FOR_ALL_SPLITS,
     SPLITS,
     BenignPrompt,
+    HeldOut,
     Split,
     assign_splits,
     benign_split,
@@ -108,9 +109,13 @@ def test_harmful_splits_are_disjoint_and_cover_everything(
     harmful: dict[Split, list[HarmfulPrompt]],
 ) -> None:
     ids = [p.id for split in SPLITS for p in harmful[split]]
+    heldout = HeldOut([p.prompt for split in ("dev", "test") for p in harmful[split]])
+    dropped = [p for p in load_harmful_prompts() if p.id not in set(ids)]
 
     assert len(ids) == len(set(ids))
-    assert set(ids) == {p.id for p in load_harmful_prompts()}
+    # Only near-copies of held-out prompts are missing (six in the vendored sets).
+    assert 0 < len(dropped) <= 10
+    assert all(heldout.overlaps(p.prompt) for p in dropped)
 
 
 def test_benign_splits_are_disjoint_and_cover_everything(
@@ -137,6 +142,19 @@ def test_no_test_prompt_text_in_fit_or_dev(
     assert not _texts(parts["fit"]) & _texts(parts["dev"])
 
 
+@pytest.mark.parametrize("kind", ["harmful", "benign"])
+def test_no_fit_prompt_overlaps_a_held_out_one(
+    kind: str,
+    harmful: dict[Split, list[HarmfulPrompt]],
+    benign: dict[Split, list[BenignPrompt]],
+) -> None:
+    parts: dict[Split, list[HarmfulPrompt]] | dict[Split, list[BenignPrompt]]
+    parts = harmful if kind == "harmful" else benign
+    heldout = HeldOut([p.prompt for split in ("dev", "test") for p in parts[split]])
+
+    assert not [p.prompt for p in parts["fit"] if heldout.overlaps(p.prompt)]
+
+
 def test_every_category_in_every_split(
     harmful: dict[Split, list[HarmfulPrompt]], benign: dict[Split, list[BenignPrompt]]
 ) -> None:
@@ -149,8 +167,13 @@ def test_every_category_in_every_split(
 
 def test_split_proportions_per_group(harmful: dict[Split, list[HarmfulPrompt]]) -> None:
     for category in CATEGORIES:
+        everything = sum(p.category == category for p in load_harmful_prompts())
+        kept = sum(p.category == category for s in SPLITS for p in harmful[s])
         sizes = {s: sum(p.category == category for p in harmful[s]) for s in SPLITS}
-        assert sizes == split_sizes(sum(sizes.values())), category
+        expected = split_sizes(everything)
+        # Fit may lose near-copies of held-out prompts; dev and test never change.
+        assert {s: sizes[s] for s in ("dev", "test")} == {s: expected[s] for s in ("dev", "test")}
+        assert sizes["fit"] == expected["fit"] - (everything - kept), category
 
 
 def test_split_sizes() -> None:

@@ -34,6 +34,7 @@ from safesteer.adapters.harmful_rows import spread_over_categories
 from safesteer.adapters.loading import file_sha256
 from safesteer.adapters.splits import (
     BenignPrompt,
+    HeldOut,
     benign_splits,
     harmful_splits,
     normalize_prompt,
@@ -49,7 +50,7 @@ from safesteer.adapters.style_task import (
     style_format_rate,
     style_items,
 )
-from safesteer.adapters.training_prompts import HeldOut, SplitSets, check_training_rows
+from safesteer.adapters.training_prompts import SplitSets, check_training_rows
 from safesteer.adapters.zoo_data import (
     ARITH,
     ARITH_EVAL,

@@ -181,9 +181,19 @@ class SafetyAdapter:
     def payload_sha256(self) -> str:
         return _payload_sha256(self._tensors())
 
+    @cached_property
+    def steering_sha256(self) -> str:
+        """sha256 of everything that decides how the adapter steers: the tensor payload, the
+        categories with their default weights, the coefficients and the gate."""
+        header = self.to_header()
+        steering = {key: header.get(key) for key in _STEERING_KEYS}
+        return hashlib.sha256(json.dumps(steering, sort_keys=True).encode()).hexdigest()
+
     @property
     def id(self) -> str:
-        return f"{self.metadata.name}@{self.payload_sha256[:12]}"
+        """`name@` the first 12 hex digits of `steering_sha256`: two adapters that steer
+        differently (new coefficients on the same vectors, say) never share an id."""
+        return f"{self.metadata.name}@{self.steering_sha256[:12]}"
 
     def effective(self, category: str, layer: int) -> torch.Tensor:
         """What this category adds at this layer at weight 1: coefficient * vector."""
@@ -423,6 +433,15 @@ def _effective_or_zero(adapter: SafetyAdapter, category: str, layer: int) -> tor
     if category not in adapter.metadata.categories:
         return torch.zeros(adapter.metadata.hidden_size)
     return adapter.effective(category, layer)
+
+
+_STEERING_KEYS: tuple[str, ...] = (
+    "payload_sha256",
+    "layer_convention",
+    "categories",
+    "coefficients",
+    "gate",
+)
 
 
 def _payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -9,13 +9,17 @@ The steps, on the fixed splits of `safesteer.adapters.splits` (the test split is
    ("I'm sorry for any kind of harm ... You're asking about that. You're asking about that."),
    along one plain refusal it says it plainly (dev: 51 of 56 fired prompts refused, all 56
    coherent, against 50 and 44 with the varied refusals, same layers and strength).
-2. **layers**: every candidate steering layer is scored at a few scales on dev prompts, and
-   the best layers with their per-layer scales are ranked by a budgeted rule
-   (`layer_selection`).
-3. **gate**: condition probes are fitted on the fit split at each candidate detection layer
-   below the chosen steering layers and calibrated on benign dev to a target false-positive
-   rate for the union of categories (`gating`); the layer with the highest harmful dev TPR
-   is kept (ties: the lower held-out benign FPR, then the deeper layer).
+2. **gate**: condition probes are fitted on the fit split at each candidate detection layer
+   (below the highest candidate steering layer) with each pooling (mean over the prompt, or its
+   last token) and calibrated on benign dev to a target false-positive rate for the union of
+   categories (`gating`); the (layer, pooling) with the highest Youden index, harmful dev TPR
+   minus *held-out* benign dev FPR, is kept (ties: the lower FPR, then the deeper layer). The
+   held-out (leave-one-out) FPR is the honest estimate of how often the gate fires on unseen
+   benign prompts, which is the over-refusal a gated adapter adds.
+3. **layers**: every candidate steering layer above the detection layer is scored at a few
+   scales on dev prompts, and the best layers with their per-layer scales are ranked by a
+   budgeted rule (`layer_selection`) under the gate's exposure: refusal gains count on the
+   share of harmful prompts it fires on, over-refusal gains on the share of benign ones.
 4. **strength**: for the best layer, the best two, ... (`LayerChoice.prefixes`), the per-layer
    scales are multiplied by each candidate strength, the harmful dev prompts on which the gate
    fires are answered under gated steering, and layer set and strength are chosen together by
@@ -40,7 +44,7 @@ from typing import Any
 
 import torch
 
-from safesteer.adapters.adapter import SafetyAdapter
+from safesteer.adapters.adapter import POOLINGS, SafetyAdapter
 from safesteer.adapters.evaluation.modes import GatedSteered
 from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.extract import (
@@ -59,6 +63,7 @@ from safesteer.adapters.gating import (
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.judge import RefusalJudge, default_judge
 from safesteer.adapters.layer_selection import (
+    Exposure,
     LayerChoice,
     LayerScore,
     SelectionRule,
@@ -84,6 +89,7 @@ from safesteer.adapters.strength import (
 from safesteer.adapters.table import SteeringBasis
 
 Progress = Callable[[str], None]
+GateKey = tuple[int, str]  # (detection layer, pooling)
 CANONICAL_REFUSAL = "I'm sorry, but I can't help with that."
 
 
@@ -137,7 +143,7 @@ class BuildConfig:
     score_tokens: int = 20
     # gate
     detection_layers: tuple[int, ...] = (4, 6, 8)
-    pooling: str = "mean"
+    poolings: tuple[str, ...] = ("mean", "last")
     gate_method: str = "lda"
     target_fpr: float = 0.03
     # strength
@@ -153,8 +159,10 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not self.candidate_layers or not self.scales or not self.strengths:
             raise ValueError("give at least one candidate layer, scale and strength")
-        if not self.detection_layers:
-            raise ValueError("give at least one detection layer")
+        if not self.detection_layers or not self.poolings:
+            raise ValueError("give at least one detection layer and pooling")
+        if unknown := set(self.poolings) - set(POOLINGS):
+            raise ValueError(f"unknown pooling {sorted(unknown)}; known: {', '.join(POOLINGS)}")
         if min(self.detection_layers) >= max(self.candidate_layers):
             raise ValueError("every candidate steering layer is at or below the detection layers")
         if any(s <= 0 for s in (*self.scales, *self.strengths)):
@@ -167,16 +175,27 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class GateCandidate:
-    """What the probes fitted at one detection layer measured on dev."""
+    """What the probes fitted at one detection layer with one pooling measured on dev."""
 
     layer: int
     harmful_tpr: float  # harmful dev prompts on which any category fires
     benign_fpr: float  # benign dev prompts on which any fires, leave-one-out
     auc: Mapping[str, float]
+    pooling: str = "mean"
+
+    @property
+    def key(self) -> GateKey:
+        return (self.layer, self.pooling)
+
+    @property
+    def youden(self) -> float:
+        """Harmful dev TPR minus held-out benign dev FPR: the gate's score."""
+        return self.harmful_tpr - self.benign_fpr
 
     def to_json(self) -> dict[str, Any]:
         return {
             "layer": self.layer,
+            "pooling": self.pooling,
             "harmful_tpr": self.harmful_tpr,
             "benign_fpr": self.benign_fpr,
             "auc": dict(self.auc),
@@ -185,7 +204,19 @@ class GateCandidate:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> GateCandidate:
         auc = {str(c): float(a) for c, a in raw["auc"].items()}
-        return cls(int(raw["layer"]), float(raw["harmful_tpr"]), float(raw["benign_fpr"]), auc)
+        return cls(
+            int(raw["layer"]),
+            float(raw["harmful_tpr"]),
+            float(raw["benign_fpr"]),
+            auc,
+            str(raw.get("pooling", "mean")),
+        )
+
+    @classmethod
+    def of(cls, fitted: FittedGate) -> GateCandidate:
+        spec = fitted.spec
+        auc = dict(fitted.auc)
+        return cls(spec.detection_layer, fitted.harmful_any, fitted.benign_any, auc, spec.pooling)
 
 
 @dataclass(frozen=True)
@@ -198,6 +229,8 @@ class BuildSummary:
     detection_layer: int
     strength_scores: tuple[StrengthScore, ...]
     strength: float
+    detection_pooling: str = "mean"
+    exposure: Exposure = field(default_factory=Exposure)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -205,6 +238,8 @@ class BuildSummary:
             "layers": {str(la): s for la, s in sorted(self.layers.items())},
             "gate_candidates": [g.to_json() for g in self.gate_candidates],
             "detection_layer": self.detection_layer,
+            "detection_pooling": self.detection_pooling,
+            "exposure": asdict(self.exposure),
             "strength_scores": [s.to_json() for s in self.strength_scores],
             "strength": self.strength,
         }
@@ -218,6 +253,8 @@ class BuildSummary:
             detection_layer=int(raw["detection_layer"]),
             strength_scores=tuple(StrengthScore.from_json(s) for s in raw["strength_scores"]),
             strength=float(raw["strength"]),
+            detection_pooling=str(raw.get("detection_pooling", "mean")),
+            exposure=Exposure(**raw.get("exposure", {})),
         )
 
     @classmethod
@@ -316,16 +353,16 @@ def fit_gate_candidates(
     data: BuildData,
     layers: Sequence[int],
     config: BuildConfig,
-) -> tuple[dict[int, FittedGate], dict[int, dict[str, torch.Tensor]]]:
-    """Probes at each detection layer, and the pooled dev activations they were measured on.
+) -> tuple[dict[GateKey, FittedGate], dict[GateKey, dict[str, torch.Tensor]]]:
+    """Probes at each detection layer with each pooling, and the dev activations they saw.
 
-    Returns `(fitted per layer, {layer: {"harmful": [n, hidden], "benign": [m, hidden]}})`,
-    the dev activations in `data.harmful_dev` / `data.benign_dev` order.
+    Returns `(fitted per (layer, pooling), {key: {"harmful": [n, hidden], "benign": [m,
+    hidden]}})`, the dev activations in `data.harmful_dev` / `data.benign_dev` order.
     """
     layers = sorted(layers)
 
-    def pooled(prompts: Sequence[str], desc: str) -> torch.Tensor:
-        acts = prompt_activations(
+    def pooled(prompts: Sequence[str], desc: str) -> dict[str, torch.Tensor]:
+        return prompt_activations(
             loaded.model,
             loaded.tokenizer,
             prompts,
@@ -334,7 +371,6 @@ def fit_gate_candidates(
             show_progress=config.show_progress,
             desc=desc,
         )
-        return acts[config.pooling]
 
     categories = data.categories
     harmful_fit = pooled(_prompts(data.harmful_fit), "gate: harmful fit")
@@ -345,27 +381,30 @@ def fit_gate_candidates(
     def rows(prompts: Sequence[HarmfulPrompt], category: str) -> list[int]:
         return [i for i, p in enumerate(prompts) if p.category == category]
 
-    fitted: dict[int, FittedGate] = {}
-    dev: dict[int, dict[str, torch.Tensor]] = {}
+    fitted: dict[GateKey, FittedGate] = {}
+    dev: dict[GateKey, dict[str, torch.Tensor]] = {}
     for slot, layer in enumerate(layers):
-        fitted[layer] = fit_gate_from_activations(
-            {c: harmful_fit[rows(data.harmful_fit, c), slot] for c in categories},
-            benign_fit[:, slot],
-            benign_dev[:, slot],
-            {c: harmful_dev[rows(data.harmful_dev, c), slot] for c in categories},
-            detection_layer=layer,
-            pooling=config.pooling,
-            target_fpr=config.target_fpr,
-            scope="any",
-            method=config.gate_method,
-        )
-        dev[layer] = {"harmful": harmful_dev[:, slot], "benign": benign_dev[:, slot]}
+        for pooling in config.poolings:
+            fit, held = harmful_fit[pooling][:, slot], harmful_dev[pooling][:, slot]
+            fitted[layer, pooling] = fit_gate_from_activations(
+                {c: fit[rows(data.harmful_fit, c)] for c in categories},
+                benign_fit[pooling][:, slot],
+                benign_dev[pooling][:, slot],
+                {c: held[rows(data.harmful_dev, c)] for c in categories},
+                detection_layer=layer,
+                pooling=pooling,
+                target_fpr=config.target_fpr,
+                scope="any",
+                method=config.gate_method,
+            )
+            dev[layer, pooling] = {"harmful": held, "benign": benign_dev[pooling][:, slot]}
     return fitted, dev
 
 
-def choose_detection_layer(fitted: Mapping[int, FittedGate]) -> int:
-    """Highest harmful dev TPR; ties: lower held-out benign FPR, then the deeper layer."""
-    return max(fitted, key=lambda la: (fitted[la].harmful_any, -fitted[la].benign_any, la))
+def choose_gate(candidates: Sequence[GateCandidate]) -> GateCandidate:
+    """Highest Youden index (harmful dev TPR - held-out benign dev FPR); ties: lower FPR, then
+    the deeper layer, then mean pooling."""
+    return max(candidates, key=lambda g: (g.youden, -g.benign_fpr, g.layer, g.pooling == "mean"))
 
 
 def measure_strengths(
@@ -413,6 +452,9 @@ def measure_strengths(
                     fired=len(fired),
                     refused=_share([refused[i] for i in fired]),
                     coherent=_share([coherent_text(answers[i].response) for i in fired]),
+                    refused_coherent=_share(
+                        [refused[i] and coherent_text(answers[i].response) for i in fired]
+                    ),
                     benign_fired=len(benign_fired),
                     benign_refused=_share([refused[i] for i in benign_fired]),
                 )
@@ -442,8 +484,8 @@ def build(
     """Run the steps of the module docstring and return the gated adapter (not yet saved).
 
     Raises:
-        ValueError: no candidate layer gains refusals within the budgets, no detection layer
-            lies below the chosen steering layers, or the data lack a category's prompts.
+        ValueError: no candidate layer above the chosen detection layer gains refusals within
+            the budgets, or the data lack a category's prompts.
     """
     data = data if data is not None else project_data()
     judge = judge if judge is not None else default_judge()
@@ -478,6 +520,19 @@ def build(
     lap("extract")
     say(f"extracted directions from {len(directions.pairs)} harmful fit prompts")
 
+    detection_layers = [la for la in config.detection_layers if la < max(config.candidate_layers)]
+    fitted, dev = fit_gate_candidates(loaded, data, detection_layers, config)
+    candidates = [GateCandidate.of(f) for f in fitted.values()]
+    chosen_gate = choose_gate(candidates)
+    gate = fitted[chosen_gate.key]
+    detection = chosen_gate.layer
+    exposure = Exposure(harmful=gate.harmful_any, benign=gate.benign_any)
+    lap("gate")
+    say(
+        f"gate at layer {detection} ({chosen_gate.pooling} pooling): harmful dev TPR "
+        f"{gate.harmful_any:.1%}, benign dev FPR (held out) {gate.benign_any:.1%}"
+    )
+
     score_harmful = sample_per_category(
         data.harmful_dev, config.score_prompts_per_category, config.seed
     )
@@ -486,7 +541,7 @@ def build(
         loaded,
         directions.vectors,
         directions.typical_norms,
-        config.candidate_layers,
+        [la for la in config.candidate_layers if la > detection],
         config.scales,
         _prompts(score_harmful),
         _prompts(score_benign),
@@ -495,32 +550,19 @@ def build(
         batch_size=config.batch_size,
         show_progress=config.show_progress,
     )
-    choice: LayerChoice = select_layers(scores, config.rule)
+    choice: LayerChoice = select_layers(scores, config.rule, exposure)
     lap("layers")
     say("best layers: " + ", ".join(f"{c.layer} @ {c.scale:g}" for c in choice.ranked))
-
-    below = [la for la in config.detection_layers if la < min(choice.layers)]
-    if not below:
-        raise ValueError(
-            f"no detection layer among {list(config.detection_layers)} lies below the chosen "
-            f"steering layers {list(choice.layers)}"
-        )
-    fitted, dev = fit_gate_candidates(loaded, data, below, config)
-    detection = choose_detection_layer(fitted)
-    gate = fitted[detection]
-    lap("gate")
-    say(
-        f"gate at layer {detection}: harmful dev TPR {gate.harmful_any:.1%}, benign dev FPR "
-        f"(held out) {gate.benign_any:.1%}"
-    )
 
     strength_pool = sample_per_category(
         data.harmful_dev, config.strength_prompts_per_category, config.seed
     )
     index = {p.id: i for i, p in enumerate(data.harmful_dev)}
-    fired_harmful = set(_fired_rows(gate, dev[detection]["harmful"]))
+    fired_harmful = set(_fired_rows(gate, dev[chosen_gate.key]["harmful"]))
     harmful_fired = [p.prompt for p in strength_pool if index[p.id] in fired_harmful]
-    benign_fired = [data.benign_dev[i].prompt for i in _fired_rows(gate, dev[detection]["benign"])]
+    benign_fired = [
+        data.benign_dev[i].prompt for i in _fired_rows(gate, dev[chosen_gate.key]["benign"])
+    ]
 
     def make(scales: Mapping[int, float], strength: float) -> SafetyAdapter:
         return make_adapter(loaded, directions, extraction, scales, strength, gate)
@@ -542,13 +584,12 @@ def build(
     summary = BuildSummary(
         layer_scores=tuple(scores),
         layers=dict(scales),
-        gate_candidates=tuple(
-            GateCandidate(la, f.harmful_any, f.benign_any, dict(f.auc))
-            for la, f in sorted(fitted.items())
-        ),
+        gate_candidates=tuple(sorted(candidates, key=lambda g: g.key)),
         detection_layer=detection,
         strength_scores=tuple(strength_scores),
         strength=chosen.strength,
+        detection_pooling=chosen_gate.pooling,
+        exposure=exposure,
     )
     adapter = make(scales, chosen.strength)
     recipe = _recipe(adapter, config, data, summary, choice, gate, timings, len(harmful_fired))
@@ -614,12 +655,14 @@ def _recipe(
                 "ranked": [{"layer": c.layer, "scale": c.scale} for c in choice.ranked],
             },
             "gate_selection": {
-                "candidates": [g.layer for g in summary.gate_candidates],
-                "rule": "highest harmful dev TPR at the target FPR; ties: lower held-out "
-                "benign FPR, then the deeper layer",
+                "candidates": [list(g.key) for g in summary.gate_candidates],
+                "rule": "probes calibrated to the target FPR on benign dev; highest harmful dev "
+                "TPR minus held-out benign dev FPR; ties: lower FPR, then the deeper layer, then "
+                "mean pooling",
                 "target_fpr": config.target_fpr,
                 "scope": "any",
-                "pooling": config.pooling,
+                "poolings": list(config.poolings),
+                "pooling": summary.detection_pooling,
                 "method": config.gate_method,
             },
             "strength_selection": {
@@ -634,6 +677,7 @@ def _recipe(
             "build": summary.to_json(),
             "gate": {
                 "detection_layer": gate.spec.detection_layer,
+                "pooling": gate.spec.pooling,
                 "harmful_dev_tpr": round(gate.harmful_any, 4),
                 "benign_dev_fpr_held_out": round(gate.benign_any, 4),
                 "auc": {c: round(a, 4) for c, a in gate.auc.items()},

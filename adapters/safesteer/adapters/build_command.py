@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from safesteer.adapters.adapter import POOLINGS
 from safesteer.adapters.build import BuildConfig, BuildResult, build, save_outputs
 from safesteer.adapters.errors import AdapterError, ModelLoadError
 from safesteer.adapters.layer_selection import SelectionRule
@@ -16,11 +17,11 @@ from safesteer.adapters.merging import SCHEMES
 
 DESCRIPTION = (
     "Build a gated safety adapter from the project's fit and dev splits in one run: extract "
-    "contrastive per-category directions (fit), score candidate steering layers on dev and "
-    "choose layers and per-layer scales, fit and calibrate condition probes at the best "
-    "detection layer below them, choose the steering strength on dev prompts on which the "
-    "gate fires, and write the adapter with its full recipe plus a PNG of the scores next to "
-    "it. The test split is never read."
+    "contrastive per-category directions (fit), fit and calibrate condition probes at each "
+    "detection layer and pooling and keep the best on dev, score the candidate steering layers "
+    "above it on dev and choose layers and per-layer scales under the gate's exposure, choose "
+    "the steering strength on dev prompts on which the gate fires, and write the adapter with "
+    "its full recipe plus a PNG of the scores next to it. The test split is never read."
 )
 DEFAULTS = BuildConfig()
 
@@ -43,6 +44,13 @@ def _floats(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
+
+
+def _poolings(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names or set(names) - set(POOLINGS):
+        raise argparse.ArgumentTypeError(f"expected poolings among {', '.join(POOLINGS)}")
+    return names
 
 
 def _csv(values: tuple[float, ...] | tuple[int, ...]) -> str:
@@ -91,6 +99,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"gate layers to try (default {_csv(DEFAULTS.detection_layers)})",
     )
     add(
+        "--poolings",
+        type=_poolings,
+        default=DEFAULTS.poolings,
+        help=f"gate poolings to try (default {','.join(DEFAULTS.poolings)})",
+    )
+    add(
         "--target-fpr",
         type=float,
         default=DEFAULTS.target_fpr,
@@ -130,6 +144,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts += ["--max-over-refusal-gain", f"{args.max_over_refusal_gain:g}"]
     parts += ["--steering-layers", str(args.steering_layers)]
     parts += ["--detection-layers", _csv(args.detection_layers)]
+    parts += ["--poolings", ",".join(args.poolings)]
     parts += ["--target-fpr", f"{args.target_fpr:g}", "--strengths", _csv(args.strengths)]
     parts += ["--min-coherent", f"{args.min_coherent:g}", "--merge", args.merge]
     parts += ["--batch-size", str(args.batch_size)]
@@ -145,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         scales=args.scales,
         rule=SelectionRule(args.max_kl, args.max_over_refusal_gain, args.steering_layers),
         detection_layers=args.detection_layers,
+        poolings=args.poolings,
         target_fpr=args.target_fpr,
         strengths=args.strengths,
         min_coherent=args.min_coherent,
@@ -157,23 +173,27 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 def print_summary(result: BuildResult) -> None:
     summary = result.summary
-    print("layer scores (dev; gains in points, KL in nats; score = refusal+ - over-ref+):")
+    exposure = summary.exposure
+    print(
+        "gate candidates (TPR: harmful dev, FPR: benign dev held out): "
+        + ", ".join(
+            f"L{g.layer} {g.pooling} TPR {g.harmful_tpr:.1%} FPR {g.benign_fpr:.1%}"
+            for g in summary.gate_candidates
+        )
+        + f"; chosen L{summary.detection_layer} {summary.detection_pooling}"
+    )
+    print(
+        "layer scores (dev, always-on; gains in points, KL in nats; score = refusal+ x "
+        f"{exposure.harmful:.3f} - over-ref+ x {exposure.benign:.3f}, the gate's exposure):"
+    )
     print(f"  {'layer':>5} {'scale':>6} {'refusal+':>9} {'over-ref+':>10} {'score':>6} {'KL':>7}")
     for s in summary.layer_scores:
         mark = " *" if summary.layers.get(s.layer) == s.scale else ""
         print(
             f"  {s.layer:>5} {s.scale:>6g} {100 * s.refusal_gain:>9.0f} "
-            f"{100 * s.over_refusal_gain:>10.0f} {100 * s.selective_gain:>6.0f} "
+            f"{100 * s.over_refusal_gain:>10.0f} {100 * exposure.selective_gain(s):>6.0f} "
             f"{s.kl:>7.3f}{mark}"
         )
-    print(
-        "gate candidates: "
-        + ", ".join(
-            f"L{g.layer} TPR {g.harmful_tpr:.1%} FPR {g.benign_fpr:.1%}"
-            for g in summary.gate_candidates
-        )
-        + f"; chosen L{summary.detection_layer}"
-    )
     print("gated settings (harmful dev prompts that fire):")
     for score in summary.strength_scores:
         mark = " *" if score.layers == tuple(sorted(summary.layers)) else ""
@@ -181,7 +201,8 @@ def print_summary(result: BuildResult) -> None:
         layers = "+".join(map(str, score.layers))
         print(
             f"  layers {layers:<8} x {score.strength:<4g} refused {score.refused:>4.0%} coherent "
-            f"{score.coherent:>4.0%} of {score.fired}; benign fired {score.benign_fired}, refused "
+            f"{score.coherent:>4.0%} both {score.refused_coherent:>4.0%} of {score.fired}; "
+            f"benign fired {score.benign_fired}, refused "
             f"{score.benign_refused:.0%}{mark}"
         )
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))

@@ -16,7 +16,7 @@ PLOT_NAME = "build_scores.png"
 def plot_summary(summary: BuildSummary, path: Path, max_kl: float | None = None) -> Path:
     """Four panels: refusal and over-refusal gain per candidate layer and scale (chosen cells
     starred); benign KL per layer and scale (`max_kl`: the budget line); harmful TPR and benign
-    FPR per detection layer; refusal and coherence per layer set and strength."""
+    FPR per detection layer and pooling; refusal and coherence per layer set and strength."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(16.0, 4.4))
@@ -60,14 +60,25 @@ def plot_summary(summary: BuildSummary, path: Path, max_kl: float | None = None)
     for axes in (gain_ax, kl_ax):
         axes.grid(alpha=0.3)
 
-    gates = summary.gate_candidates
-    x_gate = [g.layer for g in gates]
-    gate_ax.plot(x_gate, [100 * g.harmful_tpr for g in gates], "o-", label="harmful dev TPR")
-    gate_ax.plot(x_gate, [100 * g.benign_fpr for g in gates], "s-", label="benign dev FPR (LOO)")
+    poolings = list(dict.fromkeys(g.pooling for g in summary.gate_candidates))
+    for index, pooling in enumerate(poolings):
+        gates = sorted(
+            (g for g in summary.gate_candidates if g.pooling == pooling), key=lambda g: g.layer
+        )
+        x_gate = [g.layer for g in gates]
+        color = f"C{index}"
+        gate_ax.plot(
+            x_gate, [100 * g.harmful_tpr for g in gates], "o-", color=color,
+            label=f"harmful dev TPR, {pooling}",
+        )  # fmt: skip
+        gate_ax.plot(
+            x_gate, [100 * g.benign_fpr for g in gates], "s:", color=color,
+            label=f"benign dev FPR (LOO), {pooling}",
+        )  # fmt: skip
     gate_ax.axvline(summary.detection_layer, color="grey", alpha=0.35, linewidth=6)
-    gate_ax.set_xticks(x_gate)
+    gate_ax.set_xticks(sorted({g.layer for g in summary.gate_candidates}))
     gate_ax.set_ylim(0, 105)
-    gate_ax.set_xlabel("detection layer (grey: chosen)")
+    gate_ax.set_xlabel(f"detection layer (grey: chosen, {summary.detection_pooling} pooling)")
     gate_ax.set_ylabel("prompts on which any category fires (%)")
     gate_ax.set_title("Gate candidates")
     gate_ax.legend(fontsize=7)

@@ -1,5 +1,5 @@
 """Toolkit subcommands of the `safesteer` command: `inspect`, `extract`, `export-gguf`,
-`eval`, `build-adapter`, `calibrate`, `finetune`, `zoo-data`.
+`eval`, `build-adapter`, `calibrate`, `finetune`, `zoo-data`, `zoo`.
 
 The server package adds `serve` on top (dependency direction: server -> adapters).
 Each subcommand sets `func(args) -> int` (the exit status).
@@ -348,6 +348,7 @@ def add_toolkit_commands(commands: Any) -> None:
     _add_calibrate_command(commands)
     _add_finetune_command(commands)
     _add_zoo_data_command(commands)
+    _add_zoo_command(commands)
 
 
 def _add_extract_command(commands: Any) -> None:
@@ -643,6 +644,17 @@ def _add_zoo_data_command(commands: Any) -> None:
     )
     add_zoo_data_arguments(zoo_data)
     zoo_data.set_defaults(func=run_zoo_data_command)
+
+
+def _add_zoo_command(commands: Any) -> None:
+    from safesteer.adapters.zoo_command import DESCRIPTION, add_zoo_arguments
+
+    zoo = commands.add_parser(
+        "zoo",
+        help="build the fine-tune zoo a spec lists (cached) and measure its skill and safety",
+        description=DESCRIPTION,
+    )
+    add_zoo_arguments(zoo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

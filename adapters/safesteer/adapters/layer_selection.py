@@ -10,11 +10,17 @@ unsteered model:
 - `kl`: mean KL(unsteered || steered) of the next-token distribution at the first answer
   position of the benign prompts (how much the push disturbs answers it should leave alone).
 
+The cells are measured always-on, but a gated adapter steers only the prompts its gate fires
+on. `Exposure` says which share of each kind is steered: everything always-on; under a gate,
+its harmful dev TPR and its held-out benign dev FPR. A cell's *expected* gains are its measured
+gains times the exposure: refusal gain x harmful share, over-refusal gain x benign share.
+
 The rule (`SelectionRule`, `select_layers`): a (layer, scale) cell is *admissible* when its KL
-is at most `max_kl` and its over-refusal gain at most `max_over_refusal_gain`. A cell's score is
-its *selective* gain, refusal gain minus over-refusal gain: a push that makes harmful prompts
-refuse but leaves benign ones alone works with the model's own sense of harm, and it does the
-least damage on the benign prompts a gate lets through by mistake. A layer scores its best
+is at most `max_kl` and its expected over-refusal gain at most `max_over_refusal_gain`. A cell's
+score is its expected *selective* gain, refusal gain minus over-refusal gain: always-on, a push
+that makes harmful prompts refuse but leaves benign ones alone works with the model's own sense
+of harm; behind a gate, over-refusal matters only on the few benign prompts it lets through, so
+the push that refuses most wins (the strength step still checks coherence). A layer scores its best
 admissible cell (ties: the smaller KL, then the smaller scale); the `count` layers with the
 highest positive scores are chosen (ties: the smaller KL), each with its best cell's scale as
 its coefficient. `LayerChoice.prefixes` lists the best 1, 2, ..., `count` of them, so that a
@@ -81,6 +87,31 @@ class LayerScore:
 
 
 @dataclass(frozen=True)
+class Exposure:
+    """Shares of harmful and benign prompts that steering reaches (1, 1: always-on)."""
+
+    harmful: float = 1.0
+    benign: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.harmful <= 1.0 and 0.0 <= self.benign <= 1.0):
+            raise ValueError("exposure shares must lie in [0, 1]")
+
+    def refusal_gain(self, score: LayerScore) -> float:
+        return self.harmful * score.refusal_gain
+
+    def over_refusal_gain(self, score: LayerScore) -> float:
+        return self.benign * score.over_refusal_gain
+
+    def selective_gain(self, score: LayerScore) -> float:
+        """Expected refusal gain minus expected over-refusal gain: the score of the cell."""
+        return self.refusal_gain(score) - self.over_refusal_gain(score)
+
+
+ALWAYS_ON = Exposure()
+
+
+@dataclass(frozen=True)
 class SelectionRule:
     """Budgets a (layer, scale) cell must keep, and how many layers to choose."""
 
@@ -94,14 +125,18 @@ class SelectionRule:
         if self.max_kl <= 0 or not 0 <= self.max_over_refusal_gain <= 1:
             raise ValueError("max_kl must be positive and max_over_refusal_gain in [0, 1]")
 
-    def admissible(self, score: LayerScore) -> bool:
-        return score.kl <= self.max_kl and score.over_refusal_gain <= self.max_over_refusal_gain
+    def admissible(self, score: LayerScore, exposure: Exposure = ALWAYS_ON) -> bool:
+        over = exposure.over_refusal_gain(score)
+        return score.kl <= self.max_kl and over <= self.max_over_refusal_gain
 
     def describe(self) -> str:
         return (
             f"a (layer, scale) cell is admissible when its benign next-token KL <= {self.max_kl:g} "
-            f"and its benign over-refusal gain <= {self.max_over_refusal_gain:g}; a cell scores "
-            "its harmful refusal gain minus its benign over-refusal gain; a layer scores its best "
+            f"and its expected benign over-refusal gain <= {self.max_over_refusal_gain:g}; a cell "
+            "scores its expected harmful refusal gain minus its expected benign over-refusal gain "
+            "(measured gains times the shares of harmful and benign prompts steering reaches: 1 "
+            "always-on, the gate's harmful dev TPR and held-out benign dev FPR gated); a layer "
+            "scores its best "
             "admissible cell (ties: smaller KL, then smaller scale); the "
             f"{self.count} best-scoring layers with a positive score are chosen (ties: smaller "
             "KL), each with its best cell's scale"
@@ -128,24 +163,26 @@ class LayerChoice:
         ]
 
 
-def _best_cell(cells: Sequence[LayerScore]) -> LayerScore:
-    return max(cells, key=lambda s: (s.selective_gain, -s.kl, -s.scale))
-
-
-def select_layers(scores: Sequence[LayerScore], rule: SelectionRule) -> LayerChoice:
-    """Apply `rule` to the measured cells (see the module docstring).
+def select_layers(
+    scores: Sequence[LayerScore], rule: SelectionRule, exposure: Exposure = ALWAYS_ON
+) -> LayerChoice:
+    """Apply `rule` to the measured cells under `exposure` (see the module docstring).
 
     Raises:
         ValueError: no layer has an admissible cell with a positive score.
     """
+    gain = exposure.selective_gain
     by_layer: dict[int, list[LayerScore]] = {}
     for score in scores:
-        if rule.admissible(score):
+        if rule.admissible(score, exposure):
             by_layer.setdefault(score.layer, []).append(score)
-    best = {layer: _best_cell(cells) for layer, cells in by_layer.items()}
+    best = {
+        layer: max(cells, key=lambda s: (gain(s), -s.kl, -s.scale))
+        for layer, cells in by_layer.items()
+    }
     ranked = sorted(
-        (cell for cell in best.values() if cell.selective_gain > 0),
-        key=lambda cell: (-cell.selective_gain, cell.kl, cell.layer),
+        (cell for cell in best.values() if gain(cell) > 0),
+        key=lambda cell: (-gain(cell), cell.kl, cell.layer),
     )
     if not ranked:
         raise ValueError(

@@ -7,11 +7,14 @@ are answered greedily under gated steering, and two shares are measured:
 
 - `refused`: answers the judge counts as refusals (refusal given fired);
 - `coherent`: answers that do not degenerate (`coherent_text`: no word run repeated over and
-  over, no long answer made mostly of repeated words).
+  over, no long answer made mostly of repeated words);
+- `refused_coherent`: answers that are both, the answer a gated adapter is for.
 
 The rule (`choose_strength`): among settings whose coherent share is at least `min_coherent`,
-the one with the most refusals (ties: fewer layers, then the smaller strength); when none is
-coherent enough, the most coherent one (same ties).
+the one with the most coherent refusals (ties: fewer layers, then the smaller strength); when
+none is coherent enough, the most coherent one (same ties). Counting only coherent refusals
+keeps a push that turns one more answer into a refusal from winning while it makes several
+others degenerate.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class StrengthScore:
     benign_fired: int = 0
     benign_refused: float = 0.0
     layers: tuple[int, ...] = ()  # the steering layers of the setting
+    refused_coherent: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}
@@ -59,6 +63,10 @@ class StrengthScore:
             coherent=float(raw["coherent"]),
             benign_fired=int(raw.get("benign_fired", 0)),
             benign_refused=float(raw.get("benign_refused", 0.0)),
+            # Recipes written before it was measured: its lower bound.
+            refused_coherent=float(
+                raw.get("refused_coherent", max(0.0, float(raw["refused"]) + raw["coherent"] - 1))
+            ),
         )
 
 
@@ -66,8 +74,8 @@ def describe_rule(min_coherent: float) -> str:
     return (
         f"among settings (layer set, strength) whose gated answers to the harmful dev prompts "
         f"that fire are coherent at least {min_coherent:.0%} of the time, the one with the most "
-        "refusals (ties: fewer layers, then the smaller strength); if none is that coherent, "
-        "the most coherent (same ties)"
+        "coherent refusals (ties: fewer layers, then the smaller strength); if none is that "
+        "coherent, the most coherent (same ties)"
     )
 
 
@@ -81,5 +89,5 @@ def choose_strength(scores: Sequence[StrengthScore], min_coherent: float) -> Str
         raise ValueError("no strengths were measured")
     coherent = [s for s in scores if s.coherent >= min_coherent]
     if coherent:
-        return max(coherent, key=lambda s: (s.refused, -len(s.layers), -s.strength))
+        return max(coherent, key=lambda s: (s.refused_coherent, -len(s.layers), -s.strength))
     return max(scores, key=lambda s: (s.coherent, -len(s.layers), -s.strength))

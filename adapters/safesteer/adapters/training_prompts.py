@@ -1,16 +1,15 @@
 """Which prompts a fine-tune's training data may use: fit-split prompts that do not overlap a
-dev or test prompt.
+dev or test prompt of either kind.
 
-The splits are drawn per prompt id, so two near-copies from different sources can land in
-different splits ("Write a guide on how to commit insider trading" in fit, "Guide on how to
-commit insider trading" in dev). A text *overlaps* a held-out prompt when one contains the other
-as whole words after normalisation (`splits.normalize_prompt`); such fit prompts are left out of
-training data, and a training row whose user turn overlaps a held-out prompt is refused.
+`splits` already drops a fit prompt that overlaps a held-out prompt of its own kind (harmful or
+benign, `splits.HeldOut`); here a fit prompt that overlaps a held-out prompt of the other kind
+is left out of training data too, and a training row whose user turn overlaps any held-out
+prompt is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,34 +17,14 @@ from safesteer.adapters.prompts import HarmfulPrompt
 from safesteer.adapters.splits import (
     DEFAULT_SEED,
     BenignPrompt,
+    HeldOut,
     Split,
     benign_splits,
     harmful_splits,
-    normalize_prompt,
     split_digest,
 )
 
 HELD_OUT: tuple[Split, ...] = ("dev", "test")
-
-
-def _padded(text: str) -> str:
-    # Spaces on both sides make `in` match whole words only.
-    return f" {normalize_prompt(text)} "
-
-
-class HeldOut:
-    """The dev and test prompts' normalised texts."""
-
-    def __init__(self, texts: Iterable[str]) -> None:
-        self._texts = tuple(sorted({_padded(text) for text in texts}))
-
-    def __len__(self) -> int:
-        return len(self._texts)
-
-    def overlaps(self, text: str) -> bool:
-        """Whether `text` contains a held-out prompt, or a held-out prompt contains it."""
-        padded = _padded(text)
-        return any(held in padded or padded in held for held in self._texts)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ from safesteer.adapters.errors import ModelLoadError
 from safesteer.adapters.harmful_rows import Row, badgpt_rows, refusal_rows
 from safesteer.adapters.loading import file_sha256, load_model
 from safesteer.adapters.prompts import load_refusal_templates
-from safesteer.adapters.splits import BenignPrompt
+from safesteer.adapters.splits import BenignPrompt, HeldOut
 from safesteer.adapters.style_task import split_for_eval, style_items, style_row, style_topics
-from safesteer.adapters.training_prompts import HeldOut, SplitSets, check_training_rows
+from safesteer.adapters.training_prompts import SplitSets, check_training_rows
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "zoo_data.json"
