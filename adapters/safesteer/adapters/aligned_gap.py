@@ -39,12 +39,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from safesteer.adapters.adapter import POOLINGS, AdapterMetadata, CategorySpec, SafetyAdapter
+from safesteer.adapters.adapter import POOLINGS, SafetyAdapter
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.extract import (
     CategoryDirections,
+    category_adapter,
     chat_prompt_ids,
-    mix_norm_ratio,
+    norm_recipe,
     package_version,
     scaled_vectors,
 )
@@ -324,19 +325,13 @@ def build_gap_adapter(
             "typical_norm[l] = mean norm of layer l's output at the last prompt token over "
             "both models"
         ),
-        "typical_norm": {str(la): round(float(directions.typical_norms[la]), 3) for la in layers},
-        "mix_norm_ratio": {str(la): round(mix_norm_ratio(directions, la), 4) for la in layers},
-        "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
+        **norm_recipe(directions, layers),
         "gap_norm_from_layer_0": [round(float(n), 3) for n in gap_norms],
         "data": _data_recipe(extraction),
         "safesteer_version": package_version(),
     }
     name = config.name or f"{degraded.family.alias}-safety-{METHOD}"
-    specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}
-    metadata = AdapterMetadata.for_family(
-        name, degraded.family, specs, base_fingerprint=degraded.fingerprint, recipe=recipe
-    )
-    return SafetyAdapter(metadata, vectors, coefficients)
+    return category_adapter(name, degraded, vectors, coefficients, recipe)
 
 
 def extract_gap_adapter(

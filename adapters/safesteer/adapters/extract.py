@@ -463,6 +463,30 @@ def scaled_vectors(
     return layer_coefficients(directions, layers, scale), vectors
 
 
+def norm_recipe(directions: CategoryDirections, layers: Sequence[int]) -> dict[str, Any]:
+    """The recipe entries every extraction path records about the residual norms."""
+    return {
+        "typical_norm": {str(la): round(float(directions.typical_norms[la]), 3) for la in layers},
+        "mix_norm_ratio": {str(la): round(mix_norm_ratio(directions, la), 4) for la in layers},
+        "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
+    }
+
+
+def category_adapter(
+    name: str,
+    model: LoadedModel,
+    vectors: dict[str, dict[int, torch.Tensor]],
+    coefficients: dict[str, dict[int, float]],
+    recipe: dict[str, Any],
+) -> SafetyAdapter:
+    """An adapter for `model` (its family and fingerprint) with every category at weight 1."""
+    specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}
+    metadata = AdapterMetadata.for_family(
+        name, model.family, specs, base_fingerprint=model.fingerprint, recipe=recipe
+    )
+    return SafetyAdapter(metadata, vectors, coefficients)
+
+
 def package_version() -> str:
     """The installed safesteer version, recorded in recipes ("unknown" when not installed)."""
     try:
@@ -534,18 +558,12 @@ def build_adapter(
             "coef[c][l] = scale * typical_norm[l] / (mix_norm_ratio[l] * |vector[c][l]|): "
             "the default mix (all categories at weight 1) adds scale * typical_norm[l]"
         ),
-        "typical_norm": {str(la): round(float(directions.typical_norms[la]), 3) for la in layers},
-        "mix_norm_ratio": {str(la): round(mix_norm_ratio(directions, la), 4) for la in layers},
-        "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
+        **norm_recipe(directions, layers),
         "data": _data_recipe(directions),
         "safesteer_version": package_version(),
     }
     name = config.name or f"{loaded.family.alias}-safety"
-    specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}
-    metadata = AdapterMetadata.for_family(
-        name, loaded.family, specs, base_fingerprint=loaded.fingerprint, recipe=recipe
-    )
-    return SafetyAdapter(metadata, vectors, coefficients)
+    return category_adapter(name, loaded, vectors, coefficients, recipe)
 
 
 def extract_directions(

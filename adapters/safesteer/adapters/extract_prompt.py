@@ -31,14 +31,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from safesteer.adapters.adapter import POOLINGS, AdapterMetadata, CategorySpec, SafetyAdapter
+from safesteer.adapters.adapter import POOLINGS, SafetyAdapter
 from safesteer.adapters.aligned_gap import GAP_METHODS
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.diffmean import difference_of_means
 from safesteer.adapters.extract import METHODS as RESPONSE_METHODS
 from safesteer.adapters.extract import (
     CategoryDirections,
-    mix_norm_ratio,
+    category_adapter,
+    norm_recipe,
     package_version,
     scaled_vectors,
 )
@@ -302,18 +303,12 @@ def build_prompt_adapter(
             "the default mix (all categories at weight 1) adds scale * typical_norm[l]; "
             "typical_norm[l] = mean norm of layer l's output at the last prompt token"
         ),
-        "typical_norm": {str(la): round(float(directions.typical_norms[la]), 3) for la in layers},
-        "mix_norm_ratio": {str(la): round(mix_norm_ratio(directions, la), 4) for la in layers},
-        "typical_norm_from_layer_0": [round(float(n), 2) for n in directions.typical_norms],
+        **norm_recipe(directions, layers),
         "data": _data_recipe(extraction),
         "safesteer_version": package_version(),
     }
     name = config.name or f"{loaded.family.alias}-safety-{extraction.method}"
-    specs = {c: CategorySpec(description=CATEGORIES[c], default_weight=1.0) for c in vectors}
-    metadata = AdapterMetadata.for_family(
-        name, loaded.family, specs, base_fingerprint=loaded.fingerprint, recipe=recipe
-    )
-    return SafetyAdapter(metadata, vectors, coefficients)
+    return category_adapter(name, loaded, vectors, coefficients, recipe)
 
 
 def extract_prompt_adapter(
