@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from tiny_chat import tiny_loaded_model
 
 from safesteer.adapters.adapter import AdapterMetadata, CategorySpec, SafetyAdapter
+from safesteer.adapters.errors import AdapterError
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.signing import generate_keypair, sign_file
 from safesteer.server.adapter_store import FamilyAdapters
@@ -107,12 +108,53 @@ def test_two_families_route_by_model_with_their_own_adapters(
     assert swap.status_code == 200
     assert chat(multi, "chat-llama")["safety"]["adapter"] == ids["llama-b"]
     assert chat(multi, "chat-qwen")["safety"]["adapter"] == ids["qwen-a"]
-    # A llama adapter cannot become qwen's.
+    # A llama adapter cannot become qwen's: a 400 naming both families; nothing changes.
     wrong = multi.post(f"/admin/families/{QWEN}/activate", json={"adapter": ids["llama-a"]})
-    assert wrong.status_code == 404
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "adapter_refused"
+    assert LLAMA in wrong.json()["error"]["message"] and QWEN in wrong.json()["error"]["message"]
+    assert chat(multi, "chat-qwen")["safety"]["adapter"] == ids["qwen-a"]
     # The pinned adapter cannot be unloaded; it is not active either.
     pinned = multi.delete(f"/admin/families/{LLAMA}/adapters/{ids['llama-b']}")
     assert pinned.status_code == 409
+
+
+def _serve_config(tmp: Path, config: Path) -> TestClient:
+    settings = Settings(config=config, state_dir=tmp / "state", cache_dir=tmp / "cache")
+    return TestClient(create_app(settings, build_server(settings)))
+
+
+def test_a_family_with_active_none_serves_unsteered_until_an_admin_activates_one(
+    two_families: dict[str, Any],
+) -> None:
+    tmp, qwen_a = two_families["tmp"], two_families["adapters"]["qwen-a"]
+    config = tmp / "none.toml"
+    config.write_text(
+        f'adapter_dir = "adapters"\n[[models]]\nname = "chat-qwen"\nsource = "{tmp / "qwen"}"\n'
+        f'[[families]]\nfamily = "{QWEN}"\nactive = "none"\n'
+    )
+    with _serve_config(tmp, config) as client:
+        # Its built-in adapter is in the folder, yet `active = "none"` serves it unsteered.
+        safety = chat(client, "chat-qwen")["safety"]
+        assert safety["family"] == QWEN and safety["adapter"] is None and safety["mode"] == "off"
+        assert client.get("/admin/adapters").json()["families"] == {QWEN: []}
+        loaded = client.post("/admin/adapters/load", json={"path": "qwen-a/adapter.safetensors"})
+        assert loaded.status_code == 200 and loaded.json()["active"] is False
+        activated = client.post(f"/admin/families/{QWEN}/activate", json={"adapter": qwen_a.id})
+        assert activated.status_code == 200
+        assert chat(client, "chat-qwen")["safety"]["adapter"] == qwen_a.id
+
+
+def test_a_model_cannot_pin_an_adapter_of_another_family(two_families: dict[str, Any]) -> None:
+    tmp = two_families["tmp"]
+    config = tmp / "pin.toml"
+    config.write_text(
+        f'adapter_dir = "adapters"\n[[models]]\nname = "chat-llama"\nsource = "{tmp / "llama"}"\n'
+        f'[[models]]\nname = "chat-qwen"\nsource = "{tmp / "qwen"}"\n'
+        'adapter = "llama-a/adapter.safetensors"\n'
+    )
+    settings = Settings(config=config, state_dir=tmp / "state", cache_dir=tmp / "cache")
+    with pytest.raises(AdapterError, match=f"chat-qwen \\(family {QWEN}\\).*family {LLAMA}"):
+        build_server(settings)
 
 
 def test_ready_and_metrics_reflect_requests_and_swaps(
@@ -189,6 +231,11 @@ def test_request_ids_are_echoed_and_logged(multi: TestClient) -> None:
             "not listed",
         ),
         ("[[models]]\nname = 'x'\nsource = 'y'\n[[models]]\nname = 'x'\nsource = 'z'\n", "unique"),
+        (
+            "[[models]]\nname = 'x'\nsource = 'y'\n[[families]]\nfamily = 'f'\n"
+            "active = 'none'\nmandatory = { violence = 1.0 }\n",
+            "mandatory floors need an active adapter",
+        ),
     ],
 )
 def test_bad_configs_are_refused_clearly(tmp_path: Path, content: str, message: str) -> None:

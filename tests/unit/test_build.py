@@ -38,6 +38,7 @@ from safesteer.adapters.build import (
 )
 from safesteer.adapters.build_command import add_build_arguments, config_from_args
 from safesteer.adapters.build_plot import PLOT_NAME
+from safesteer.adapters.evaluation.benchmarks import load_questions
 from safesteer.adapters.evaluation.modes import GATED, ModeSet
 from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.extract import CategoryDirections, generate_responses
@@ -248,6 +249,11 @@ def test_the_gate_with_the_best_youden_index_wins() -> None:
     assert choose_gate([gate(4, "mean", 0.75, 0.0), gate(6, "mean", 0.875, 0.125)]).layer == 4
     assert choose_gate([gate(4, "mean", 0.9, 0.02), gate(6, "last", 0.9, 0.02)]).layer == 6
     assert choose_gate([gate(6, "last", 0.9, 0.02), gate(6, "mean", 0.9, 0.02)]).pooling == "mean"
+    # A gate that fires on many benchmark questions loses, however well it holds on requests.
+    on_questions = replace(careful, questions_fpr=0.4)
+    assert on_questions.youden == pytest.approx(0.92 - 0.4)
+    assert choose_gate([eager, on_questions]) == eager
+    assert GateCandidate.from_json(on_questions.to_json()) == on_questions
 
 
 @pytest.mark.parametrize(
@@ -273,7 +279,10 @@ def test_project_data_never_reads_the_test_split() -> None:
     test_ids = {p.id for p in harmful_split("test")} | {p.id for p in benign_split("test")}
     used = [*data.harmful_fit, *data.harmful_dev, *data.benign_fit, *data.benign_dev]
     assert used and not {p.id for p in used} & test_ids
-    assert set(data.digests) == {"harmful", "benign"}
+    scored = {q.question for name in ("mmlu", "arc") for q in load_questions(name, 100, 0)}
+    assert data.questions_fit and data.questions_dev
+    assert not scored & {*data.questions_fit, *data.questions_dev}
+    assert set(data.digests) == {"harmful", "benign", "questions"}
     assert all(len(d) == 64 for d in data.digests.values())
 
 

@@ -22,7 +22,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from safesteer.adapters import cli
-from safesteer.adapters.adapter import AdapterMetadata, CategorySpec, SafetyAdapter
+from safesteer.adapters.adapter import (
+    AdapterMetadata,
+    CategoryGate,
+    CategorySpec,
+    GateSpec,
+    SafetyAdapter,
+)
 from safesteer.adapters.calibrate import (
     DEFAULT_REFUSAL,
     CalibrationConfig,
@@ -37,6 +43,8 @@ from safesteer.adapters.calibrate import (
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.errors import AdapterMismatch
 from safesteer.adapters.family import ModelFamily
+from safesteer.adapters.gate_shift import probe_scores
+from safesteer.adapters.gating import PromptGate
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.layers import decoder_layers
 from safesteer.adapters.loading import LoadedModel, load_model
@@ -288,6 +296,48 @@ def test_calibration_pushes_harder_on_the_degraded_fine_tune_and_keeps_the_vecto
     assert len(record["grid_points"]) == len(GRID)
     assert record["scores"]["calibrated"]["objective"] == round(result.calibrated.objective, 6)
     assert record["steering"].startswith("always on") and "'orthogonal'" in record["steering"]
+
+
+def gated(adapter: SafetyAdapter, direction: torch.Tensor) -> SafetyAdapter:
+    """`adapter` with a gate reading `direction` at layer 0 (mean-pooled), threshold 0."""
+    entries = {c: CategoryGate(bias=0.0, threshold=0.0, target_fpr=0.05) for c in CATEGORIES}
+    metadata = replace(adapter.metadata, gate=GateSpec(0, "mean", entries))
+    conditions = {c: direction.clone() for c in CATEGORIES}
+    return SafetyAdapter(metadata, adapter.vectors, adapter.coefficients, conditions)
+
+
+def test_the_gate_thresholds_follow_the_fine_tunes_shift(family: dict[str, Any]) -> None:
+    base, degraded = family["base"], family["degraded"]
+    direction = family["adapter"].vectors[next(iter(CATEGORIES))][PLANTED_LAYER]
+    adapter = gated(family["adapter"], direction)
+
+    shifted = calibrate(adapter, degraded, base, _config())
+    kept = calibrate(adapter, degraded, base, _config(gate="keep"))
+    own = calibrate(adapter, base, base, _config())
+
+    assert shifted.gate_shift is not None and kept.gate_shift is None and own.gate_shift is None
+    benign = [s.prompt for s in shifted.shots if not s.harmful]
+    gate = PromptGate.from_adapter(adapter)
+    expected = probe_scores(degraded, gate, benign, 8).mean(0) - probe_scores(
+        base, gate, benign, 8
+    ).mean(0)
+    # The degraded LoRA moves every token against the direction the probe reads.
+    assert float(expected[0]) < 0
+    for index, category in enumerate(CATEGORIES):
+        spec = shifted.adapter.metadata.gate
+        assert spec is not None
+        threshold = spec.categories[category].threshold
+        assert threshold == pytest.approx(float(expected[index]), abs=1e-5)
+        assert shifted.gate_shift.shifts[category] == pytest.approx(threshold)
+        assert kept.adapter.metadata.gate == adapter.metadata.gate
+        probe = shifted.adapter.conditions[category]
+        assert probe.numpy().tobytes() == adapter.conditions[category].numpy().tobytes()
+    moved = PromptGate.from_adapter(shifted.adapter).threshold
+    assert torch.equal(shifted.gate_shift.applied(gate).threshold, moved)
+    record = shifted.adapter.metadata.recipe["calibration"]["gate"]
+    assert record["benign_shots"] == len(benign) == 4
+    assert kept.adapter.metadata.recipe["calibration"]["gate"] == {"rule": "thresholds kept"}
+    assert shifted.multipliers == kept.multipliers  # the shift does not touch the search
 
 
 def test_calibration_is_deterministic_for_a_seed(family: dict[str, Any]) -> None:

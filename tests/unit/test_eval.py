@@ -18,7 +18,13 @@ import torch
 
 from safesteer.adapters import cli
 from safesteer.adapters.adapter import CategoryGate, GateSpec, SafetyAdapter
-from safesteer.adapters.evaluation.benchmarks import Question, load_questions, load_references
+from safesteer.adapters.evaluation.benchmarks import (
+    Question,
+    load_questions,
+    load_references,
+    question_splits,
+    unevaluated_questions,
+)
 from safesteer.adapters.evaluation.harness import EvalConfig, run_evaluation, write_outputs
 from safesteer.adapters.evaluation.judging import JudgeInfo
 from safesteer.adapters.evaluation.metrics import ModeSummary, Rate, selectivity, wilson_interval
@@ -277,6 +283,21 @@ def test_vendored_benchmarks_load() -> None:
     assert len(references) >= 100 and all(r.prompt and r.answer for r in references)
     with pytest.raises(ValueError, match="unknown benchmark"):
         load_questions("gsm8k")
+
+
+def test_builds_see_only_questions_the_evaluation_does_not_score() -> None:
+    defaults = EvalConfig(model="any")
+    for name in ("mmlu", "arc"):
+        scored = {q.id for q in load_questions(name, defaults.utility_limit, defaults.seed)}
+        unscored = unevaluated_questions(name)
+        assert len(scored) == 100 and len(unscored) == len(load_questions(name)) - 100
+        assert not scored & {q.id for q in unscored}
+    splits = question_splits(seed=7)
+    fit, dev = {q.id for q in splits.fit}, {q.id for q in splits.dev}
+    assert not fit & dev and abs(len(fit) - len(dev)) <= 2
+    assert (
+        {q.id for q in question_splits(seed=7).fit} == fit != {q.id for q in question_splits(8).fit}
+    )
 
 
 # ----- metrics ----------------------------------------------------------------------------------

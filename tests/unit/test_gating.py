@@ -250,6 +250,37 @@ def test_fit_gate_from_activations_separates_synthetic_clusters() -> None:
     assert "any category" in render([TABLE_HEADER, *rows])
 
 
+def test_a_second_calibration_set_holds_both_sets_to_the_target() -> None:
+    generator = torch.Generator().manual_seed(5)
+
+    def cluster(count: int, centre: torch.Tensor) -> torch.Tensor:
+        return torch.randn(count, HIDDEN, generator=generator) + centre
+
+    harmful = {"violence": cluster(60, 6 * _unit(0))}
+    requests = cluster(200, torch.zeros(HIDDEN))
+    # Benign prompts of another format that lean towards the harmful cluster.
+    questions = cluster(200, 3 * _unit(0))
+
+    def fit(questions_dev: torch.Tensor | None) -> FittedGate:
+        return fit_gate_from_activations(
+            harmful,
+            requests,
+            cluster(200, torch.zeros(HIDDEN)),
+            {"violence": cluster(40, 6 * _unit(0))},
+            detection_layer=0,
+            pooling="mean",
+            target_fpr=0.05,
+            questions_dev=questions_dev,
+        )
+
+    alone, both = fit(None), fit(questions)
+    assert alone.questions_any is None and both.questions_any is not None
+    assert both.questions_any <= 0.08  # held out, near the target
+    assert float(alone.fired(questions).any(dim=1).double().mean()) > 0.3
+    assert both.spec.categories["violence"].threshold > alone.spec.categories["violence"].threshold
+    assert both.benign_any <= alone.benign_any
+
+
 @pytest.mark.parametrize(
     "argv",
     [

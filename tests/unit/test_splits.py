@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -11,9 +13,13 @@ import pytest
 
 from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.prompts import (
+    CATEGORY_MAP_FILE,
     DATA_DIR,
+    SHORT_PROMPTS_FILE,
     SOURCE_FILES,
+    SOURCE_LICENSES,
     HarmfulPrompt,
+    load_category_map,
     load_harmful_prompts,
     load_probe_prompts,
 )
@@ -22,6 +28,7 @@ from safesteer.adapters.splits import (
     DEFAULT_SEED,
     GENERAL,
     MIN_GROUP_FOR_ALL_SPLITS,
+    SHORT_GROUP_SUFFIX,
     SPLITS,
     BenignPrompt,
     HeldOut,
@@ -59,6 +66,15 @@ def benign_all() -> list[BenignPrompt]:
 
 def _texts(prompts: list[HarmfulPrompt] | list[BenignPrompt]) -> set[str]:
     return {normalize_prompt(p.prompt) for p in prompts}
+
+
+def _group(prompt: HarmfulPrompt) -> str:
+    short = prompt.source == SHORT_PROMPTS_FILE
+    return prompt.category + SHORT_GROUP_SUFFIX if short else prompt.category
+
+
+def _is_short(prompt: HarmfulPrompt) -> bool:
+    return prompt.source == SHORT_PROMPTS_FILE
 
 
 # ----- the benign set ------------------------------------------------------------------------
@@ -113,7 +129,7 @@ def test_harmful_splits_are_disjoint_and_cover_everything(
     dropped = [p for p in load_harmful_prompts() if p.id not in set(ids)]
 
     assert len(ids) == len(set(ids))
-    # Only near-copies of held-out prompts are missing (six in the vendored sets).
+    # Only near-copies of held-out prompts are missing (six, all vendored).
     assert 0 < len(dropped) <= 10
     assert all(heldout.overlaps(p.prompt) for p in dropped)
 
@@ -166,14 +182,15 @@ def test_every_category_in_every_split(
 
 
 def test_split_proportions_per_group(harmful: dict[Split, list[HarmfulPrompt]]) -> None:
-    for category in CATEGORIES:
-        everything = sum(p.category == category for p in load_harmful_prompts())
-        kept = sum(p.category == category for s in SPLITS for p in harmful[s])
-        sizes = {s: sum(p.category == category for p in harmful[s]) for s in SPLITS}
+    groups = [*CATEGORIES, *(category + SHORT_GROUP_SUFFIX for category in CATEGORIES)]
+    for group in groups:
+        everything = sum(_group(p) == group for p in load_harmful_prompts())
+        kept = sum(_group(p) == group for s in SPLITS for p in harmful[s])
+        sizes = {s: sum(_group(p) == group for p in harmful[s]) for s in SPLITS}
         expected = split_sizes(everything)
         # Fit may lose near-copies of held-out prompts; dev and test never change.
         assert {s: sizes[s] for s in ("dev", "test")} == {s: expected[s] for s in ("dev", "test")}
-        assert sizes["fit"] == expected["fit"] - (everything - kept), category
+        assert sizes["fit"] == expected["fit"] - (everything - kept), group
 
 
 def test_split_sizes() -> None:
@@ -192,6 +209,90 @@ def test_benign_split_edgy_filter(benign: dict[Split, list[BenignPrompt]]) -> No
         assert all(p.edgy for p in edgy)
         assert not any(p.edgy for p in plain)
         assert {p.id for p in edgy} | {p.id for p in plain} == {p.id for p in benign[split]}
+
+
+# ----- the project's short harmful prompts ------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_rows() -> list[dict[str, str]]:
+    lines = (DATA_DIR / SHORT_PROMPTS_FILE).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _similar(a: str, b: str) -> bool:
+    """Near-copies: one contains the other as whole words, or they share 60 % of their words."""
+    if HeldOut([a]).overlaps(b):
+        return True
+    words_a, words_b = set(normalize_prompt(a).split()), set(normalize_prompt(b).split())
+    return len(words_a & words_b) >= 0.6 * len(words_a | words_b)
+
+
+def test_short_prompts_are_well_formed_and_15_per_category(
+    short_rows: list[dict[str, str]],
+) -> None:
+    assert all(set(row) == {"id", "category", "prompt"} for row in short_rows)
+    assert Counter(row["category"] for row in short_rows) == dict.fromkeys(CATEGORIES, 15)
+    ids = [row["id"] for row in short_rows]
+    assert len(set(ids)) == len(ids) == 150
+    for row in short_rows:
+        assert re.fullmatch(rf"{row['category']}-\d\d", row["id"]), row["id"]
+        assert 4 <= len(row["prompt"].split()) <= 15, row["prompt"]
+        assert row["prompt"] == row["prompt"].strip()
+
+
+def test_short_prompts_are_all_loaded_in_their_category(short_rows: list[dict[str, str]]) -> None:
+    short = [p for p in load_harmful_prompts() if _is_short(p)]
+    expected = [
+        (f"short_harmful_prompts:{r['id']}", r["category"], r["prompt"]) for r in short_rows
+    ]
+
+    assert [(p.id, p.category, p.prompt) for p in short] == expected
+    assert SOURCE_FILES[-1] == SHORT_PROMPTS_FILE  # read last: vendored copies win
+    assert SOURCE_LICENSES[SHORT_PROMPTS_FILE] == "written by the safesteer project"
+    labels = load_category_map().sources[SHORT_PROMPTS_FILE].labels
+    assert labels == {category: category for category in CATEGORIES}
+
+
+def test_short_prompts_have_no_near_copies(short_rows: list[dict[str, str]]) -> None:
+    texts = [row["prompt"] for row in short_rows]
+    probe = load_probe_prompts()
+    others = [*probe.harmful, *probe.benign, *(p.prompt for p in load_benign_prompts())]
+    others += [p.prompt for p in load_harmful_prompts() if not _is_short(p)]
+
+    assert [(a, b) for a, b in itertools.combinations(texts, 2) if _similar(a, b)] == []
+    assert [(a, b) for a in texts for b in others if _similar(a, b)] == []
+
+
+def test_short_prompts_reject_an_unknown_category(tmp_path: Path) -> None:
+    shutil.copy(DATA_DIR / CATEGORY_MAP_FILE, tmp_path / CATEGORY_MAP_FILE)
+    row = {"id": "x-01", "category": "gambling", "prompt": "how do i rig a slot machine"}
+    (tmp_path / SHORT_PROMPTS_FILE).write_text(json.dumps(row) + "\n", encoding="utf-8")
+
+    with pytest.raises(ValueError, match="row 1: unknown category 'gambling'"):
+        load_harmful_prompts((SHORT_PROMPTS_FILE,), tmp_path)
+
+
+def test_short_prompts_leave_the_vendored_splits_unchanged(
+    harmful: dict[Split, list[HarmfulPrompt]],
+) -> None:
+    vendored = load_harmful_prompts(SOURCE_FILES[:-1])
+    alone = assign_splits(vendored, lambda p: p.category)
+    together = assign_splits(load_harmful_prompts(), _group)
+
+    assert {p.id: together[p.id] for p in vendored} == alone
+    # The short prompts make no vendored fit prompt a near-copy of a held-out one, and none
+    # of them is dropped from fit.
+    heldout = HeldOut([p.prompt for p in vendored if alone[p.id] != "fit"])
+    expected_fit = [p for p in vendored if alone[p.id] == "fit" and not heldout.overlaps(p.prompt)]
+    assert [p for p in harmful["fit"] if not _is_short(p)] == expected_fit
+    assert sum(_is_short(p) for s in SPLITS for p in harmful[s]) == 150
+
+
+def test_each_short_group_gets_fit_dev_and_test(harmful: dict[Split, list[HarmfulPrompt]]) -> None:
+    for category in CATEGORIES:
+        sizes = {
+            s: sum(_is_short(p) and p.category == category for p in harmful[s]) for s in SPLITS
+        }
+        assert sizes == {"fit": 8, "dev": 3, "test": 4}, category
 
 
 # ----- determinism ----------------------------------------------------------------------------

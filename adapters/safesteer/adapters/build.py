@@ -15,7 +15,13 @@ The steps, on the fixed splits of `safesteer.adapters.splits` (the test split is
    categories (`gating`); the (layer, pooling) with the highest Youden index, harmful dev TPR
    minus *held-out* benign dev FPR, is kept (ties: the lower FPR, then the deeper layer). The
    held-out (leave-one-out) FPR is the honest estimate of how often the gate fires on unseen
-   benign prompts, which is the over-refusal a gated adapter adds.
+   benign prompts, which is the over-refusal a gated adapter adds. Benchmark questions are a
+   second benign format: the MMLU and ARC questions that `safesteer eval` does not score
+   (`benchmarks.question_splits`): `fit_questions` of the fit half join the benign fit prompts
+   (all 384 would outnumber the requests and cost harmful TPR), and the dev half is a second
+   calibration set (thresholds high enough for both); the Youden index subtracts the higher
+   of the two held-out FPRs. Without them a last-token gate fired on about half of all
+   questions while holding 4 % on the benign dev prompts, and steered answers cost MMLU points.
 3. **layers**: every candidate steering layer above the detection layer is scored at a few
    scales on dev prompts, and the best layers with their per-layer scales are ranked by a
    budgeted rule (`layer_selection`) under the gate's exposure: refusal gains count on the
@@ -45,6 +51,7 @@ from typing import Any
 import torch
 
 from safesteer.adapters.adapter import POOLINGS, SafetyAdapter
+from safesteer.adapters.evaluation.benchmarks import question_splits
 from safesteer.adapters.evaluation.modes import GatedSteered
 from safesteer.adapters.evaluation.runner import answer_prompts
 from safesteer.adapters.extract import (
@@ -103,6 +110,8 @@ class BuildData:
     benign_dev: Sequence[BenignPrompt]
     digests: Mapping[str, str] = field(default_factory=dict)
     source: str = "given prompts"
+    questions_fit: Sequence[str] = ()  # benign prompts in the benchmarks' format
+    questions_dev: Sequence[str] = ()
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -112,14 +121,21 @@ class BuildData:
 
 def project_data(seed: int = DEFAULT_SEED) -> BuildData:
     """The project's fit and dev splits; the digests cover all three splits' assignment."""
-    harmful, benign = harmful_splits(seed), benign_splits(seed)
+    harmful, benign, questions = harmful_splits(seed), benign_splits(seed), question_splits(seed)
     return BuildData(
         harmful_fit=harmful["fit"],
         harmful_dev=harmful["dev"],
         benign_fit=benign["fit"],
         benign_dev=benign["dev"],
-        digests={"harmful": split_digest(harmful), "benign": split_digest(benign)},
-        source=f"safesteer.adapters.splits (seed {seed}): fit and dev; test never read",
+        digests={
+            "harmful": split_digest(harmful),
+            "benign": split_digest(benign),
+            "questions": split_digest({"fit": questions.fit, "dev": questions.dev}),
+        },
+        source=f"safesteer.adapters.splits (seed {seed}): fit and dev; test never read; "
+        "MMLU and ARC questions that safesteer eval does not score",
+        questions_fit=[q.question for q in questions.fit],
+        questions_dev=[q.question for q in questions.dev],
     )
 
 
@@ -146,6 +162,7 @@ class BuildConfig:
     poolings: tuple[str, ...] = ("mean", "last")
     gate_method: str = "lda"
     target_fpr: float = 0.03
+    fit_questions: int = 120  # benchmark questions sampled into the probes' benign fit prompts
     # strength
     strengths: tuple[float, ...] = (0.6, 0.8, 1.0)
     min_coherent: float = 0.8
@@ -169,6 +186,8 @@ class BuildConfig:
             raise ValueError("scales and strengths must be positive")
         if self.merge not in SCHEMES:
             raise ValueError(f"unknown merge scheme {self.merge!r}; known: {', '.join(SCHEMES)}")
+        if self.fit_questions < 0:
+            raise ValueError("fit_questions must be 0 or more")
         if not 0.0 < self.target_fpr < 1.0 or not 0.0 <= self.min_coherent <= 1.0:
             raise ValueError("target_fpr must be in (0, 1) and min_coherent in [0, 1]")
 
@@ -182,15 +201,21 @@ class GateCandidate:
     benign_fpr: float  # benign dev prompts on which any fires, leave-one-out
     auc: Mapping[str, float]
     pooling: str = "mean"
+    questions_fpr: float | None = None  # benchmark-style dev questions that fire, held out
 
     @property
     def key(self) -> GateKey:
         return (self.layer, self.pooling)
 
     @property
+    def worst_fpr(self) -> float:
+        """The higher of the held-out FPRs on benign dev prompts and on dev questions."""
+        return max(self.benign_fpr, self.questions_fpr or 0.0)
+
+    @property
     def youden(self) -> float:
-        """Harmful dev TPR minus held-out benign dev FPR: the gate's score."""
-        return self.harmful_tpr - self.benign_fpr
+        """Harmful dev TPR minus the worst held-out benign FPR: the gate's score."""
+        return self.harmful_tpr - self.worst_fpr
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,25 +223,34 @@ class GateCandidate:
             "pooling": self.pooling,
             "harmful_tpr": self.harmful_tpr,
             "benign_fpr": self.benign_fpr,
+            "questions_fpr": self.questions_fpr,
             "auc": dict(self.auc),
         }
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> GateCandidate:
         auc = {str(c): float(a) for c, a in raw["auc"].items()}
+        questions = raw.get("questions_fpr")
         return cls(
             int(raw["layer"]),
             float(raw["harmful_tpr"]),
             float(raw["benign_fpr"]),
             auc,
             str(raw.get("pooling", "mean")),
+            None if questions is None else float(questions),
         )
 
     @classmethod
     def of(cls, fitted: FittedGate) -> GateCandidate:
         spec = fitted.spec
-        auc = dict(fitted.auc)
-        return cls(spec.detection_layer, fitted.harmful_any, fitted.benign_any, auc, spec.pooling)
+        return cls(
+            spec.detection_layer,
+            fitted.harmful_any,
+            fitted.benign_any,
+            dict(fitted.auc),
+            spec.pooling,
+            fitted.questions_any,
+        )
 
 
 @dataclass(frozen=True)
@@ -305,6 +339,14 @@ def sample_benign(prompts: Sequence[BenignPrompt], count: int, seed: int) -> lis
     return rng.sample(edgy, take_edgy) + rng.sample(plain, count - take_edgy)
 
 
+def sample_questions(questions: Sequence[str], count: int, seed: int) -> list[str]:
+    """Up to `count` of `questions` chosen by seed, in their order."""
+    if count >= len(questions):
+        return list(questions)
+    keep = sorted(random.Random(f"{seed}:questions").sample(range(len(questions)), count))
+    return [questions[i] for i in keep]
+
+
 # ----- the adapter -------------------------------------------------------------------------------
 def gated_coefficients(
     directions: CategoryDirections, scales: Mapping[int, float], strength: float
@@ -375,8 +417,12 @@ def fit_gate_candidates(
     categories = data.categories
     harmful_fit = pooled(_prompts(data.harmful_fit), "gate: harmful fit")
     harmful_dev = pooled(_prompts(data.harmful_dev), "gate: harmful dev")
-    benign_fit = pooled(_prompts(data.benign_fit), "gate: benign fit")
+    questions_fit = sample_questions(data.questions_fit, config.fit_questions, config.seed)
+    benign_fit = pooled([*_prompts(data.benign_fit), *questions_fit], "gate: benign fit")
     benign_dev = pooled(_prompts(data.benign_dev), "gate: benign dev")
+    questions_dev = (
+        pooled(data.questions_dev, "gate: questions dev") if data.questions_dev else None
+    )
 
     def rows(prompts: Sequence[HarmfulPrompt], category: str) -> list[int]:
         return [i for i, p in enumerate(prompts) if p.category == category]
@@ -396,15 +442,16 @@ def fit_gate_candidates(
                 target_fpr=config.target_fpr,
                 scope="any",
                 method=config.gate_method,
+                questions_dev=None if questions_dev is None else questions_dev[pooling][:, slot],
             )
             dev[layer, pooling] = {"harmful": held, "benign": benign_dev[pooling][:, slot]}
     return fitted, dev
 
 
 def choose_gate(candidates: Sequence[GateCandidate]) -> GateCandidate:
-    """Highest Youden index (harmful dev TPR - held-out benign dev FPR); ties: lower FPR, then
-    the deeper layer, then mean pooling."""
-    return max(candidates, key=lambda g: (g.youden, -g.benign_fpr, g.layer, g.pooling == "mean"))
+    """Highest Youden index (harmful dev TPR - worst held-out benign FPR); ties: lower FPR,
+    then the deeper layer, then mean pooling."""
+    return max(candidates, key=lambda g: (g.youden, -g.worst_fpr, g.layer, g.pooling == "mean"))
 
 
 def measure_strengths(
@@ -528,9 +575,10 @@ def build(
     detection = chosen_gate.layer
     exposure = Exposure(harmful=gate.harmful_any, benign=gate.benign_any)
     lap("gate")
+    questions = "" if gate.questions_any is None else f", dev questions {gate.questions_any:.1%}"
     say(
         f"gate at layer {detection} ({chosen_gate.pooling} pooling): harmful dev TPR "
-        f"{gate.harmful_any:.1%}, benign dev FPR (held out) {gate.benign_any:.1%}"
+        f"{gate.harmful_any:.1%}, benign dev FPR (held out) {gate.benign_any:.1%}{questions}"
     )
 
     score_harmful = sample_per_category(
@@ -621,6 +669,8 @@ def _recipe(
                 "harmful_dev": len(data.harmful_dev),
                 "benign_fit": len(data.benign_fit),
                 "benign_dev": len(data.benign_dev),
+                "questions_fit": min(config.fit_questions, len(data.questions_fit)),
+                "questions_dev": len(data.questions_dev),
             },
             "refusal": {
                 "text": config.refusal,
@@ -656,9 +706,10 @@ def _recipe(
             },
             "gate_selection": {
                 "candidates": [list(g.key) for g in summary.gate_candidates],
-                "rule": "probes calibrated to the target FPR on benign dev; highest harmful dev "
-                "TPR minus held-out benign dev FPR; ties: lower FPR, then the deeper layer, then "
-                "mean pooling",
+                "rule": "probes fitted on harmful fit vs benign fit + fit questions, calibrated "
+                "to the target FPR on benign dev and on dev questions (the higher threshold); "
+                "highest harmful dev TPR minus the higher held-out FPR of the two; ties: lower "
+                "FPR, then the deeper layer, then mean pooling",
                 "target_fpr": config.target_fpr,
                 "scope": "any",
                 "poolings": list(config.poolings),
@@ -680,6 +731,9 @@ def _recipe(
                 "pooling": gate.spec.pooling,
                 "harmful_dev_tpr": round(gate.harmful_any, 4),
                 "benign_dev_fpr_held_out": round(gate.benign_any, 4),
+                "questions_dev_fpr_held_out": None
+                if gate.questions_any is None
+                else round(gate.questions_any, 4),
                 "auc": {c: round(a, 4) for c, a in gate.auc.items()},
             },
             "seed": config.seed,

@@ -108,8 +108,15 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-fpr",
         type=float,
         default=DEFAULTS.target_fpr,
-        help="share of benign dev prompts on which any category may fire "
-        f"(default {DEFAULTS.target_fpr:g})",
+        help="share of benign dev prompts, and of dev benchmark questions, on which any "
+        f"category may fire (default {DEFAULTS.target_fpr:g})",
+    )
+    add(
+        "--fit-questions",
+        type=int,
+        default=DEFAULTS.fit_questions,
+        help="MMLU/ARC questions that safesteer eval does not score, added to the gate's benign "
+        f"fit prompts (default {DEFAULTS.fit_questions})",
     )
     add(
         "--strengths",
@@ -145,7 +152,8 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts += ["--steering-layers", str(args.steering_layers)]
     parts += ["--detection-layers", _csv(args.detection_layers)]
     parts += ["--poolings", ",".join(args.poolings)]
-    parts += ["--target-fpr", f"{args.target_fpr:g}", "--strengths", _csv(args.strengths)]
+    parts += ["--target-fpr", f"{args.target_fpr:g}", "--fit-questions", str(args.fit_questions)]
+    parts += ["--strengths", _csv(args.strengths)]
     parts += ["--min-coherent", f"{args.min_coherent:g}", "--merge", args.merge]
     parts += ["--batch-size", str(args.batch_size)]
     return shlex.join(parts)
@@ -162,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         detection_layers=args.detection_layers,
         poolings=args.poolings,
         target_fpr=args.target_fpr,
+        fit_questions=args.fit_questions,
         strengths=args.strengths,
         min_coherent=args.min_coherent,
         merge=args.merge,
@@ -175,9 +184,11 @@ def print_summary(result: BuildResult) -> None:
     summary = result.summary
     exposure = summary.exposure
     print(
-        "gate candidates (TPR: harmful dev, FPR: benign dev held out): "
+        "gate candidates (TPR: harmful dev, FPR: benign dev held out, Q: dev questions "
+        "held out): "
         + ", ".join(
             f"L{g.layer} {g.pooling} TPR {g.harmful_tpr:.1%} FPR {g.benign_fpr:.1%}"
+            + ("" if g.questions_fpr is None else f" Q {g.questions_fpr:.1%}")
             for g in summary.gate_candidates
         )
         + f"; chosen L{summary.detection_layer} {summary.detection_pooling}"

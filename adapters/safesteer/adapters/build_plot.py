@@ -75,6 +75,11 @@ def plot_summary(summary: BuildSummary, path: Path, max_kl: float | None = None)
             x_gate, [100 * g.benign_fpr for g in gates], "s:", color=color,
             label=f"benign dev FPR (LOO), {pooling}",
         )  # fmt: skip
+        if all(g.questions_fpr is not None for g in gates):
+            gate_ax.plot(
+                x_gate, [100 * (g.questions_fpr or 0.0) for g in gates], "^--", color=color,
+                label=f"dev questions FPR (LOO), {pooling}",
+            )  # fmt: skip
     gate_ax.axvline(summary.detection_layer, color="grey", alpha=0.35, linewidth=6)
     gate_ax.set_xticks(sorted({g.layer for g in summary.gate_candidates}))
     gate_ax.set_ylim(0, 105)

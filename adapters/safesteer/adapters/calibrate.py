@@ -36,10 +36,18 @@ objective is within `tie_tolerance` of the best, the smallest multiplier: the le
 that restores the reference. Passes for one layer share every decoder layer below it, which
 `PrefixReplay` computes once.
 
+**Gate.** A fine-tune also moves the activations a gate reads, so thresholds calibrated on the
+reference fire far above their target on its benign prompts (`gate_shift`: 2 % of the
+benign dev prompts on the base, 15 to 28 % on the zoo's fine-tunes). With `gate="shift"`
+(the default) each category's threshold moves by the mean probe-score shift of the benign
+shots between the reference and the fine-tune; `gate="keep"` leaves the thresholds as they
+are.
+
 The calibrated adapter: the same vectors and probes (bit for bit), coefficients
-`coef[c][l] * m[l]`, `base_fingerprint` the fine-tune's weights fingerprint, a name of its
-own (adapter ids are `name@payload sha`, and the payload, the vectors, does not change), and
-the source recipe with a `calibration` entry recording shots, grid, scores and choices.
+`coef[c][l] * m[l]`, thresholds shifted as above, `base_fingerprint` the fine-tune's weights
+fingerprint, a name of its own (adapter ids are `name@payload sha`, and the payload, the
+vectors, does not change), and the source recipe with a `calibration` entry recording shots,
+grid, scores, choices and the gate's shifts.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from tqdm import tqdm
 
 from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.extract import chat_prompt_ids, package_version
+from safesteer.adapters.gate_shift import GateShift, measure_gate_shift, shifted_gate
 from safesteer.adapters.hooks import SteeringHooks
 from safesteer.adapters.loading import LoadedModel
 from safesteer.adapters.merging import MergingBasis, merge_scheme
@@ -74,6 +83,7 @@ DEFAULT_SHOTS = 16
 # The sentence `safesteer build-adapter` teacher-forces (build.CANONICAL_REFUSAL).
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 REFERENCE_MODES: tuple[str, ...] = ("steered", "plain")
+GATE_RULES: tuple[str, ...] = ("shift", "keep")
 SPLITS: tuple[str, ...] = ("fit", "dev")
 OBJECTIVE = (
     "-(max(0, H_ref - H(m)) + max(0, B(m) - B_ref)); H, B: mean over harmful / benign shots of "
@@ -97,6 +107,7 @@ class CalibrationConfig:
     split_seed: int = DEFAULT_SEED
     refusal: str | None = None  # None: the adapter recipe's refusal text, else DEFAULT_REFUSAL
     reference_mode: str = "steered"
+    gate: str = "shift"  # one of GATE_RULES
     sweeps: int = 1
     max_prompt_tokens: int = 128
     batch_size: int = 16
@@ -117,6 +128,8 @@ class CalibrationConfig:
             raise ValueError(
                 f"unknown reference mode {self.reference_mode!r}; known: {REFERENCE_MODES}"
             )
+        if self.gate not in GATE_RULES:
+            raise ValueError(f"unknown gate rule {self.gate!r}; known: {GATE_RULES}")
         if self.sweeps < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
             raise ValueError("sweeps, batch size and max prompt tokens must be positive")
         if self.tie_tolerance < 0:
@@ -183,6 +196,7 @@ class CalibrationResult:
     calibrated: GridPoint
     points: tuple[GridPoint, ...] = field(default_factory=tuple)
     seconds: float = 0.0
+    gate_shift: GateShift | None = None  # None: thresholds kept (or no gate)
 
 
 def objective(score: RefusalScore, reference: RefusalScore) -> float:
@@ -426,6 +440,10 @@ def calibrate(
                 f"{loaded.name} and the reference {reference.name} tokenize the shots "
                 "differently: they are not one family"
             )
+    gate_shift: GateShift | None = None
+    if config.gate == "shift" and adapter.metadata.gate is not None and reference is not loaded:
+        benign_shots = [s.prompt for s in shots if not s.harmful]
+        gate_shift = measure_gate_shift(adapter, loaded, reference, benign_shots, config.batch_size)
     scorer = _Scorer(loaded, adapter, batches, refusal_ids)
     reference_scorer = (
         scorer if reference is loaded else _Scorer(reference, adapter, batches, refusal_ids)
@@ -489,8 +507,11 @@ def calibrate(
         multipliers=multipliers,
         passes=scorer.passes + (reference_scorer.passes if reference_scorer is not scorer else 0),
         seconds=seconds,
+        gate_shift=gate_shift,
     )
-    calibrated = calibrated_adapter(adapter, loaded, multipliers, calibration, config.name)
+    calibrated = calibrated_adapter(
+        adapter, loaded, multipliers, calibration, config.name, gate_shift=gate_shift
+    )
     return CalibrationResult(
         calibrated,
         multipliers,
@@ -500,6 +521,7 @@ def calibrate(
         final,
         tuple(points),
         seconds,
+        gate_shift,
     )
 
 
@@ -519,10 +541,13 @@ def calibrated_adapter(
     multipliers: Mapping[int, float],
     calibration: Mapping[str, Any],
     name: str | None = None,
+    *,
+    gate_shift: GateShift | None = None,
 ) -> SafetyAdapter:
     """`source` with `coef[c][l] * multipliers[l]`, the model's fingerprint and the record.
 
-    Vectors and condition probes are the source's own tensors.
+    Vectors and condition probes are the source's own tensors; `gate_shift` moves the gate's
+    thresholds.
 
     Raises:
         ValueError: a steering layer of the source has no multiplier, or `name` is the
@@ -546,8 +571,11 @@ def calibrated_adapter(
     )
     # The source recipe stays at the top (its `merge` says how categories combine).
     recipe = {**source.metadata.recipe, "calibration": dict(calibration)}
+    gate = source.metadata.gate
+    if gate is not None and gate_shift is not None:
+        gate = shifted_gate(gate, gate_shift)
     metadata = replace(
-        source.metadata, name=name, base_fingerprint=loaded.fingerprint, recipe=recipe
+        source.metadata, name=name, base_fingerprint=loaded.fingerprint, recipe=recipe, gate=gate
     )
     return SafetyAdapter(metadata, source.vectors, coefficients, source.conditions)
 
@@ -581,6 +609,7 @@ def _calibration_recipe(
     multipliers: Mapping[int, float],
     passes: int,
     seconds: float,
+    gate_shift: GateShift | None = None,
 ) -> dict[str, Any]:
     recorded = adapter.metadata.base_fingerprint
     return {
@@ -621,6 +650,9 @@ def _calibration_recipe(
             "calibrated": {**final.score.to_json(), "objective": round(final.objective, 6)},
         },
         "multipliers": {str(layer): m for layer, m in sorted(multipliers.items())},
+        "gate": None
+        if adapter.metadata.gate is None
+        else (gate_shift.to_json() if gate_shift is not None else {"rule": "thresholds kept"}),
         "grid_points": [p.to_json() for p in points],
         "forward_passes": passes,
         "seconds": round(seconds, 2),

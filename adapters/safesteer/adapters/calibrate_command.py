@@ -15,6 +15,7 @@ from safesteer.adapters.calibrate import (
     DEFAULT_GRID,
     DEFAULT_REFUSAL,
     DEFAULT_SHOTS,
+    GATE_RULES,
     REFERENCE_MODES,
     SPLITS,
     CalibrationConfig,
@@ -79,6 +80,13 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "point); plain: the reference unsteered (default steered)",
     )
     add(
+        "--gate",
+        choices=GATE_RULES,
+        default="shift",
+        help="shift: move each gate threshold by the benign shots' probe-score shift between "
+        "the reference and the model; keep: leave the thresholds (default shift)",
+    )
+    add(
         "--shots",
         type=int,
         default=DEFAULT_SHOTS,
@@ -140,7 +148,8 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts = ["safesteer", "calibrate", "--adapter", str(args.adapter), "--model", args.model]
     parts += ["--out", str(args.out)]
     parts += ["--reference", args.reference] if args.reference is not None else []
-    parts += ["--reference-mode", args.reference_mode, "--shots", str(args.shots)]
+    parts += ["--reference-mode", args.reference_mode, "--gate", args.gate]
+    parts += ["--shots", str(args.shots)]
     parts += ["--grid", ",".join(f"{g:g}" for g in args.grid), "--seed", str(args.seed)]
     parts += ["--split", args.split, "--sweeps", str(args.sweeps)]
     parts += ["--refusal", args.refusal] if args.refusal is not None else []
@@ -159,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         split=args.split,
         refusal=args.refusal,
         reference_mode=args.reference_mode,
+        gate=args.gate,
         sweeps=args.sweeps,
         max_prompt_tokens=args.max_prompt_tokens,
         batch_size=args.batch_size,
@@ -215,6 +225,12 @@ def _report(result: CalibrationResult, loaded: LoadedModel, reference: LoadedMod
     )
     chosen = ", ".join(f"layer {layer} x{m:g}" for layer, m in sorted(result.multipliers.items()))
     print(f"multipliers: {chosen}")
+    if result.gate_shift is not None:
+        shifts = result.gate_shift.shifts.values()
+        print(
+            f"gate thresholds shifted by {min(shifts):+.3f} .. {max(shifts):+.3f} "
+            f"(probe-score shift of the {result.gate_shift.prompts} benign shots)"
+        )
     if not recipe["reference"]["is_adapter_base"] and mode == "steered":
         print(
             "note: the reference's weights are not the ones the adapter records "

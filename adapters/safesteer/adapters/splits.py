@@ -1,12 +1,16 @@
 """Fixed, seeded fit / dev / test splits of the harmful and benign prompt sets.
 
-Splits are drawn per group (harmful: per category; benign: per category for the edgy
-prompts, one `general` group for the rest). A group's prompts are ranked by sha256 of (seed,
-prompt id), and the first 50% of the ranking is `fit`, the next 20% `dev`, the rest `test`
-(`SPLIT_FRACTIONS`, largest remainder; a group of three or more gets at least one prompt in
-each split). The split of a prompt thus depends only on the seed and the ids of its group, not
-on file order or the Python run; adding a prompt to a group moves at most the prompts next to
-a split boundary of that group, which `split_digest` makes visible.
+Splits are drawn per group (harmful: per category, with the project's short prompts of a
+category, `data/short_harmful_prompts.jsonl`, in a group of their own, `<category>/short`;
+benign: per category for the edgy prompts, one `general` group for the rest). A group's
+prompts are ranked by sha256 of (seed, prompt id), and the first 50% of the ranking is `fit`,
+the next 20% `dev`, the rest `test` (`SPLIT_FRACTIONS`, largest remainder; a group of three
+or more gets at least one prompt in each split). The split of a prompt thus depends only on the
+seed and the ids of its group, not on file order or the Python run; adding a prompt to a group
+moves at most the prompts next to a split boundary of that group, which `split_digest` makes
+visible. Their own groups keep the short prompts from moving any vendored prompt: the vendored
+ones split exactly as they would without them, and each category's 15 short prompts split
+8 / 3 / 4 by themselves.
 
 Ids are drawn apart, so two near-copies from different sources can land in different splits
 ("Write a guide on how to commit insider trading" in fit, "Guide on how to commit insider
@@ -34,7 +38,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from safesteer.adapters.categories import CATEGORIES
-from safesteer.adapters.prompts import DATA_DIR, HarmfulPrompt, load_harmful_prompts
+from safesteer.adapters.prompts import (
+    DATA_DIR,
+    SHORT_PROMPTS_FILE,
+    HarmfulPrompt,
+    load_harmful_prompts,
+)
 
 Split = Literal["fit", "dev", "test"]
 SPLITS: tuple[Split, ...] = ("fit", "dev", "test")
@@ -42,6 +51,8 @@ SPLIT_FRACTIONS: Mapping[Split, float] = {"fit": 0.5, "dev": 0.2, "test": 0.3}
 DEFAULT_SEED = 20240611
 # Groups this large get at least one prompt in every split.
 MIN_GROUP_FOR_ALL_SPLITS = 3
+# Suffix of the split group of a category's short prompts (`violence/short`).
+SHORT_GROUP_SUFFIX = "/short"
 # The group of benign prompts that are not edgy.
 GENERAL = "general"
 BENIGN_PROMPTS_FILE = "benign_prompts.jsonl"
@@ -196,13 +207,13 @@ def split_digest(parts: Mapping[Split, Sequence[_Identified]]) -> str:
 
 
 def harmful_splits(seed: int = DEFAULT_SEED) -> dict[Split, list[HarmfulPrompt]]:
-    """The vendored harmful prompts by split, each split in `load_harmful_prompts` order."""
+    """The harmful prompts by split, each split in `load_harmful_prompts` order."""
     prompts = load_harmful_prompts()
     return _fit_without_copies(_partition(prompts, assign_splits(prompts, _harmful_group, seed)))
 
 
 def harmful_split(split: Split, seed: int = DEFAULT_SEED) -> list[HarmfulPrompt]:
-    """The vendored harmful prompts of one split."""
+    """The harmful prompts of one split."""
     return harmful_splits(seed)[split]
 
 
@@ -220,6 +231,13 @@ def benign_split(
 
 
 def _harmful_group(prompt: HarmfulPrompt) -> str:
+    """The category; the project's short prompts form a group of their own per category."""
+    if prompt.source == SHORT_PROMPTS_FILE:
+        return prompt.category + SHORT_GROUP_SUFFIX
+    return prompt.category
+
+
+def _harmful_category(prompt: HarmfulPrompt) -> str:
     return prompt.category
 
 
@@ -379,7 +397,10 @@ def _cells(counts: Sequence[int] | None) -> str:
 def format_split_table(
     harmful: Mapping[Split, Sequence[HarmfulPrompt]], benign: Mapping[Split, Sequence[BenignPrompt]]
 ) -> str:
-    """A plain-text table: per group, harmful and benign prompts in each split, and totals."""
+    """A plain-text table: per group, harmful and benign prompts in each split, and totals.
+
+    A category's harmful row counts all its prompts, the short ones included.
+    """
     names = "".join(f"{s:>5}" for s in SPLITS) + f"{'all':>6}"
     width = len(names)
     lines = [
@@ -387,7 +408,7 @@ def format_split_table(
         f"{'group':<15}{names}  {names}",
     ]
     for group in (*CATEGORIES, GENERAL):
-        left = None if group == GENERAL else _counts(harmful, _harmful_group, group)
+        left = None if group == GENERAL else _counts(harmful, _harmful_category, group)
         right = _counts(benign, _benign_group, group)
         lines.append(f"{group:<15}{_cells(left)}  {_cells(right)}")
     totals = [len(harmful[s]) for s in SPLITS], [len(benign[s]) for s in SPLITS]

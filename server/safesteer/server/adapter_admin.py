@@ -282,6 +282,17 @@ class AdapterAdmin:
         try:
             yield
         except AdapterNotLoaded:
+            owner = self._owner(adapter_id)
+            if owner is not None:  # held, but by another family: it can never fit this one
+                target = self.registry.family(family).family
+                message = (
+                    f"adapter {adapter_id!r} is an adapter of family {owner.family.id} "
+                    f"({owner.family.alias}); family {target.id} ({target.alias}) cannot use it"
+                )
+                self.audit.append(
+                    actor, action, "refused", family=family, adapter=adapter_id, detail=message
+                )
+                raise AdapterRefused(message, param="adapter") from None
             self.audit.append(
                 actor, action, "refused", family=family, adapter=adapter_id, detail="not loaded"
             )
@@ -300,6 +311,13 @@ class AdapterAdmin:
                 actor, action, "refused", family=family, adapter=adapter_id, detail=exc.message
             )
             raise
+
+    def _owner(self, adapter_id: str) -> FamilyAdapters | None:
+        """The served family holding an adapter with this id, if any."""
+        for family in self.registry.families:
+            if any(record.id == adapter_id for record in family.records):
+                return family
+        return None
 
     def activate(self, actor: str, family_name: str, adapter_id: str) -> AdapterSummary:
         with self._refusals(actor, "activate", family_name, adapter_id):

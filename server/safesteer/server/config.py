@@ -9,7 +9,8 @@
     [[families]]
     family = "smollm2-135m"                # family id or alias
     adapters = ["smollm2-135m/safety.safetensors"]
-    active = "smollm2-135m/safety.safetensors"        # default: the first
+    active = "smollm2-135m/safety.safetensors"        # default: the first; "none": serve
+                                           # unsteered until an admin activates one
     mandatory = { violence = 1.0 }         # floors no client or override key can go below
     merge = "naive"                        # or "orthogonal" / "ties": see adapters.merging
 
@@ -28,6 +29,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from safesteer.adapters.table import MAX_WEIGHT
+
+NO_ADAPTER = "none"  # a family's `active`: serve it without steering until an admin activates one
 
 
 class ConfigError(Exception):
@@ -55,8 +58,13 @@ class FamilyEntry(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> FamilyEntry:
-        if self.active is not None and self.active not in self.adapters:
-            raise ValueError(f"active adapter {self.active!r} is not listed in adapters")
+        if self.active not in (None, NO_ADAPTER, *self.adapters):
+            raise ValueError(
+                f"active adapter {self.active!r} is not listed in adapters "
+                f"(or {NO_ADAPTER!r} for none)"
+            )
+        if self.active == NO_ADAPTER and self.mandatory:
+            raise ValueError(f"mandatory floors need an active adapter, not {NO_ADAPTER!r}")
         for category, floor in self.mandatory.items():
             if not 0.0 < floor <= MAX_WEIGHT:
                 raise ValueError(

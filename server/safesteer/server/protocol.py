@@ -198,8 +198,10 @@ class Usage(BaseModel):
 
 
 class SafetyReport(BaseModel):
-    """What steering a response got: adapter identity, mode, and the weight per category."""
+    """What steering a response got: the model's family, adapter identity, mode, and the
+    weight per category."""
 
+    family: str = Field(description="Family id of the model that answered (e.g. llama-576x30).")
     adapter: str | None
     sha256: str | None
     mode: str

@@ -2,10 +2,11 @@
 
 Without `--config`, the flags describe one served model: `--model`, and `--adapter` or the
 family's built-in adapter from `--adapter-dir` (or none with `--no-adapter`). With a config,
-its `[[models]]` and `[[families]]` say the same for several models. Finally the state file
-restores the adapter an admin activated for each family before a restart, if it still
-verifies and the configured default it replaced is still the configured default (an operator
-who changes the config gets what the config says).
+its `[[models]]` and `[[families]]` say the same for several models (a family with
+`active = "none"` starts without an adapter). Finally the state file restores the adapter an
+admin activated for each family before a restart, if it still verifies and the configured
+default it replaced is still the configured default (an operator who changes the config gets
+what the config says).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safesteer.adapters.loading import LoadedModel, load_model
 from safesteer.adapters.signing import TrustedKeys
 from safesteer.server.adapter_admin import AdapterAdmin
 from safesteer.server.adapter_store import AdapterRecord, AdapterVerifier, FamilyAdapters
-from safesteer.server.config import ModelEntry, RegistryConfig
+from safesteer.server.config import NO_ADAPTER, ModelEntry, RegistryConfig
 from safesteer.server.registry import ModelRegistry, ServedModel
 from safesteer.server.settings import Settings
 
@@ -95,8 +96,10 @@ def _family_adapters(
     settings: Settings, config: RegistryConfig, admin: AdapterAdmin, family: FamilyAdapters
 ) -> None:
     entry = config.family(family.family.id, family.family.alias)
-    if entry is not None and entry.adapters:
+    if entry is not None and (entry.adapters or entry.active == NO_ADAPTER):
         records = [_hold(admin, item) for item in entry.adapters]
+        if entry.active == NO_ADAPTER:
+            return  # held, none active: requests to the family's models run unsteered
         active = records[entry.adapters.index(entry.active)] if entry.active else records[0]
         family.activate(active.id)
         return
@@ -152,6 +155,12 @@ def build_server(settings: Settings, models: list[tuple[str, LoadedModel]] | Non
     for model in served:
         if model.name in pins:
             record = _hold(admin, pins[model.name])
+            if record.adapter.metadata.family != model.loaded.family.id:
+                raise AdapterError(
+                    f"model {model.name} (family {model.loaded.family.id}) cannot pin "
+                    f"{pins[model.name]}: it is an adapter of family "
+                    f"{record.adapter.metadata.family}"
+                )
             model.pinned = model.adapters.pin(record.id)
     admin.restore_active()
     for model in served:

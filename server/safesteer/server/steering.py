@@ -36,7 +36,12 @@ def resolve_safety(
                 code="unknown_category",
             )
         return NO_STEERING, SafetyReport(
-            adapter=None, sha256=None, mode="off", strength=0.0, categories={}
+            family=served.loaded.family.id,
+            adapter=None,
+            sha256=None,
+            mode="off",
+            strength=0.0,
+            categories={},
         )
     default_mode = "gated" if record.gate is not None else "always"
     options = replace_mode(options, options.mode or default_mode)
@@ -57,6 +62,7 @@ def resolve_safety(
     enforce_safety_policy(principal, options, defaults, served.adapters.mandatory, default_mode)
     on = options.mode != "off"
     report = SafetyReport(
+        family=served.loaded.family.id,
         adapter=record.id,
         sha256=record.adapter.payload_sha256,
         mode=str(options.mode),

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from safesteer.adapters.prompts import DATA_DIR
+from safesteer.adapters.splits import split_position
 
 BENCHMARK_FILES: dict[str, str] = {
     "mmlu": "mmlu_validation_7_per_subject.jsonl",
@@ -20,6 +22,9 @@ BENCHMARK_FILES: dict[str, str] = {
 }
 BENCHMARK_TITLES: dict[str, str] = {"mmlu": "MMLU", "arc": "ARC-Easy"}
 REFERENCE_FILES: tuple[str, ...] = ("rho_refusal_pairs_50.json", "rho_refusal_pairs_100.json")
+# What `safesteer eval` scores by default: this many questions per benchmark, drawn by this seed.
+EVALUATED_QUESTIONS = 100
+EVALUATED_SEED = 0
 T = TypeVar("T")
 
 
@@ -31,6 +36,14 @@ class Question:
     question: str
     choices: tuple[str, ...]
     answer: int
+
+
+@dataclass(frozen=True)
+class QuestionSplits:
+    """Benchmark questions no evaluation scores, split for fitting and calibrating a gate."""
+
+    fit: tuple[Question, ...]
+    dev: tuple[Question, ...]
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,38 @@ def load_questions(
     lines = (data_dir / BENCHMARK_FILES[name]).read_text(encoding="utf-8").splitlines()
     questions = [parse(n, json.loads(text)) for n, text in enumerate(lines, 1) if text.strip()]
     return _subset(questions, limit, seed, name)
+
+
+def unevaluated_questions(
+    name: str,
+    evaluated: int = EVALUATED_QUESTIONS,
+    seed: int = EVALUATED_SEED,
+    data_dir: Path = DATA_DIR,
+) -> list[Question]:
+    """The questions of `name` that `load_questions(name, evaluated, seed)` does not return.
+
+    Builds may fit and calibrate on these (they are the benchmarks' prompt format) without
+    touching the questions the evaluation scores.
+    """
+    scored = {q.id for q in load_questions(name, evaluated, seed, data_dir)}
+    return [q for q in load_questions(name, None, seed, data_dir) if q.id not in scored]
+
+
+def question_splits(
+    seed: int, benchmarks: Sequence[str] = tuple(BENCHMARK_FILES)
+) -> QuestionSplits:
+    """The unevaluated questions of `benchmarks`, half to fit and half to dev, by seed.
+
+    Each benchmark's questions are ranked by `split_position(id, seed)`; the first half fits.
+    """
+    fit: list[Question] = []
+    dev: list[Question] = []
+    for name in benchmarks:
+        ranked = sorted(unevaluated_questions(name), key=lambda q: split_position(q.id, seed))
+        half = len(ranked) // 2
+        fit += ranked[:half]
+        dev += ranked[half:]
+    return QuestionSplits(tuple(fit), tuple(dev))
 
 
 def load_references(

@@ -22,6 +22,12 @@ from safesteer.adapters.evaluation.modes import MODE_NAMES
 from safesteer.adapters.evaluation.rejudge import rejudge
 from safesteer.adapters.evaluation.report import rate_cell
 from safesteer.adapters.evaluation.results import EvalResults
+from safesteer.adapters.evaluation.transfer_command import (
+    DEFAULT_ZOO,
+    TRANSFER_HELP,
+    parse_finetunes,
+    run_transfer_command,
+)
 from safesteer.adapters.loading import DEFAULT_MODEL
 from safesteer.adapters.merging import SCHEMES
 
@@ -29,8 +35,10 @@ DESCRIPTION = (
     "Answer harmful and benign prompts greedily with a model, with and without its safety "
     "adapter, judge refusals, score utility (MMLU / ARC-Easy accuracy by answer log-likelihood, "
     "perplexity of reference answers) and category selectivity, and write results.json, "
-    "report.md and PNG plots into --out. Prompts default to the project's test split."
+    "report.md and PNG plots into --out. Prompts default to the project's test split. "
+    + TRANSFER_HELP
 )
+SUITES: tuple[str, ...] = ("default", "transfer")
 
 
 def _utility(text: str) -> tuple[str, ...]:
@@ -151,8 +159,45 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "scheme the adapter's recipe names, else naive)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for subsets (default 0)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the results (required by the default suite; transfer: default "
+        "ZOO/transfer)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="default",
+        help="default: one model (--model) with and without --adapter; transfer: the family "
+        "adapter carried to every fine-tune of --zoo (see above; --limit caps the harmful, "
+        "benign and task prompts (default all), --utility-limit the questions per benchmark "
+        "out of those the default suite scores; --max-new-tokens, --batch-size, --judge and "
+        "--seed apply; --adapter defaults to the built-in adapter; --mode, --harmful, "
+        "--benign, --merge and --rejudge are refused)",
+    )
+    parser.add_argument(
+        "--zoo",
+        type=Path,
+        default=None,
+        help=f"transfer: the zoo folder, holding zoo.toml and one LoRA folder per fine-tune "
+        f"(default {DEFAULT_ZOO})",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="transfer: the zoo data folder with the task eval files (default ZOO/data)",
+    )
+    parser.add_argument(
+        "--finetunes",
+        type=parse_finetunes,
+        default=None,
+        metavar="A,B",
+        help="transfer: only these fine-tunes (default every fine-tune of the zoo)",
+    )
 
 
 def canonical_command(config: EvalConfig, out: Path, quiet: bool) -> str:
@@ -219,6 +264,11 @@ def print_headline(results: EvalResults) -> None:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Run `safesteer eval` from parsed flags; 2 on a usage or input error."""
+    if args.suite == "transfer":
+        return run_transfer_command(args)
+    if args.out is None:
+        print("error: the default suite needs --out DIR", file=sys.stderr)
+        return 2
     try:
         if args.rejudge is not None:
             results = rejudge(EvalResults.read(args.rejudge), args.judge)

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 
 from safesteer.adapters.adapter import SafetyAdapter
-from safesteer.adapters.evaluation.benchmarks import load_questions, load_references
+from safesteer.adapters.evaluation.benchmarks import (
+    EVALUATED_QUESTIONS,
+    load_questions,
+    load_references,
+)
 from safesteer.adapters.evaluation.judging import make_judge
 from safesteer.adapters.evaluation.modes import NONE, ModeSet, SteeringMode, default_modes
 from safesteer.adapters.evaluation.prompt_sets import (
@@ -60,7 +64,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
     utility: tuple[str, ...] = UTILITY_CHOICES
-    utility_limit: int | None = 100
+    utility_limit: int | None = EVALUATED_QUESTIONS
     selectivity: bool = True
     judge: str = "keyword"
     seed: int = 0
