@@ -4,7 +4,9 @@ dev or test prompt of either kind.
 `splits` already drops a fit prompt that overlaps a held-out prompt of its own kind (harmful or
 benign, `splits.HeldOut`); here a fit prompt that overlaps a held-out prompt of the other kind
 is left out of training data too, and a training row whose user turn overlaps any held-out
-prompt is refused.
+prompt is refused. The project's short plain requests (`prompts.SHORT_PROMPTS_FILE`) teach the
+gate how users ask; they came after the fine-tune zoo was built and stay out of its training
+data, so the committed fine-tunes remain what `safesteer zoo-data` and `zoo build` make.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from safesteer.adapters.prompts import HarmfulPrompt
+from safesteer.adapters.prompts import SHORT_PROMPTS_FILE, HarmfulPrompt
 from safesteer.adapters.splits import (
     DEFAULT_SEED,
     BenignPrompt,
@@ -49,9 +51,13 @@ class SplitSets:
         return HeldOut([*harmful, *benign])
 
     def training_harmful(self) -> list[HarmfulPrompt]:
-        """The harmful fit prompts that overlap no held-out prompt, in split order."""
+        """The vendored harmful fit prompts that overlap no held-out prompt, in split order."""
         heldout = self.heldout()
-        return [p for p in self.harmful["fit"] if not heldout.overlaps(p.prompt)]
+        return [
+            p
+            for p in self.harmful["fit"]
+            if p.source != SHORT_PROMPTS_FILE and not heldout.overlaps(p.prompt)
+        ]
 
     def training_benign(self) -> list[BenignPrompt]:
         """The benign fit prompts that overlap no held-out prompt, in split order."""
