@@ -726,16 +726,7 @@ def _recipe(
                 "max_new_tokens": config.strength_tokens,
             },
             "build": summary.to_json(),
-            "gate": {
-                "detection_layer": gate.spec.detection_layer,
-                "pooling": gate.spec.pooling,
-                "harmful_dev_tpr": round(gate.harmful_any, 4),
-                "benign_dev_fpr_held_out": round(gate.benign_any, 4),
-                "questions_dev_fpr_held_out": None
-                if gate.questions_any is None
-                else round(gate.questions_any, 4),
-                "auc": {c: round(a, 4) for c, a in gate.auc.items()},
-            },
+            "gate": {**gate.record(), "auc": {c: round(a, 4) for c, a in gate.auc.items()}},
             "seed": config.seed,
             "timings_s": dict(timings),
         }

@@ -357,6 +357,17 @@ class FittedGate:
         thresholds = torch.tensor([g.threshold for g in self.spec.categories.values()])
         return self.scores(pooled) > thresholds
 
+    def record(self) -> dict[str, Any]:
+        """Where the gate reads and what it measured on dev, as recipes store it."""
+        questions = self.questions_any
+        return {
+            "detection_layer": self.spec.detection_layer,
+            "pooling": self.spec.pooling,
+            "harmful_dev_tpr": round(self.harmful_any, 4),
+            "benign_dev_fpr_held_out": round(self.benign_any, 4),
+            "questions_dev_fpr_held_out": None if questions is None else round(questions, 4),
+        }
+
 
 def fit_gate_from_activations(
     harmful_fit: Mapping[str, torch.Tensor],

@@ -121,23 +121,10 @@ class NativeAdapter:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.adapter.id,
-            "gate": gate_record(self.gate),
+            "gate": self.gate.record(),
             "same_splits_as_family": self.same_splits,
             "seconds": round(self.seconds, 1),
         }
-
-
-def gate_record(gate: FittedGate) -> dict[str, Any]:
-    """Where a fitted gate reads and what it measured on the dev split."""
-    return {
-        "detection_layer": gate.spec.detection_layer,
-        "pooling": gate.spec.pooling,
-        "harmful_dev_tpr": round(gate.harmful_any, 4),
-        "benign_dev_fpr_held_out": round(gate.benign_any, 4),
-        "questions_dev_fpr_held_out": None
-        if gate.questions_any is None
-        else round(gate.questions_any, 4),
-    }
 
 
 def native_adapter(
@@ -245,7 +232,7 @@ def _with_recipe(
                     "same_as_family": same_splits,
                 },
             },
-            "gate": gate_record(gate),
+            "gate": gate.record(),
         }
     )
     return replace(adapter, metadata=replace(adapter.metadata, recipe=entries))

@@ -234,7 +234,8 @@ def _settings(config: EvalConfig, merge: str) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Python's and the main packages' versions, for a run's record."""
     found = {"python": platform.python_version()}
     for package in ("safesteer", "torch", "transformers"):
         try:
@@ -294,7 +295,7 @@ def run_evaluation(config: EvalConfig, loaded: LoadedModel | None = None) -> Eva
         settings=_settings(config, run.merge),
         started=started.isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - clock, 1),
-        versions=_versions(),
+        versions=package_versions(),
     )
     return EvalResults(info, run.judge_info, tuple(rows), tuple(utility), tuple(perplexity))
 

@@ -19,12 +19,10 @@ gate steers are generated (or scored) again.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.build import BuildData
 from safesteer.adapters.calibrate import CalibrationConfig, calibrate
 from safesteer.adapters.calibrate_command import reference_source
+from safesteer.adapters.evaluation.harness import package_versions
 from safesteer.adapters.evaluation.judging import make_judge
 from safesteer.adapters.evaluation.modes import GATED, NONE, ModeSet
 from safesteer.adapters.evaluation.transfer_measure import (
@@ -204,16 +203,6 @@ def chosen_finetunes(
     return ordered
 
 
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("safesteer", "torch", "transformers"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "unknown"
-    return found
-
-
 def run_transfer(
     spec: ZooSpec,
     zoo_dir: Path,
@@ -278,5 +267,5 @@ def run_transfer(
         "finetunes": results,
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - clock, 1),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
