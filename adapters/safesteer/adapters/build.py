@@ -18,10 +18,11 @@ The steps, on the fixed splits of `safesteer.adapters.splits` (the test split is
    benign prompts, which is the over-refusal a gated adapter adds. Benchmark questions are a
    second benign format: the MMLU and ARC questions that `safesteer eval` does not score
    (`benchmarks.question_splits`): `fit_questions` of the fit half join the benign fit prompts
-   (all 384 would outnumber the requests and cost harmful TPR), and the dev half is a second
+   (all 384 would outnumber the 229 benign requests), and the dev half is a second
    calibration set (thresholds high enough for both); the Youden index subtracts the higher
-   of the two held-out FPRs. Without them a last-token gate fired on about half of all
-   questions while holding 4 % on the benign dev prompts, and steered answers cost MMLU points.
+   of the two held-out FPRs. Without them the previous built-in adapter's last-token gate
+   (4 % held-out FPR on benign dev) fired on 57 of the 100 MMLU questions its report scores,
+   and steered answers cost 4 MMLU points.
 3. **layers**: every candidate steering layer above the detection layer is scored at a few
    scales on dev prompts, and the best layers with their per-layer scales are ranked by a
    budgeted rule (`layer_selection`) under the gate's exposure: refusal gains count on the
