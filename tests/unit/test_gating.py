@@ -18,6 +18,7 @@ from safesteer.adapters.adapter import CategoryGate, GateSpec, SafetyAdapter
 from safesteer.adapters.errors import AdapterFormatError, AdapterMismatch
 from safesteer.adapters.family import ModelFamily
 from safesteer.adapters.gating import (
+    POOLED_SHARE,
     TABLE_HEADER,
     FittedGate,
     PromptGate,
@@ -27,6 +28,7 @@ from safesteer.adapters.gating import (
     fit_gate,
     fit_gate_from_activations,
     fit_probe,
+    fit_probes,
     held_out_fired,
     main,
     pool,
@@ -157,6 +159,50 @@ def test_probe_scores_harmful_mean_plus_one_and_benign_mean_minus_one(method: st
         fit_probe(benign, benign, method)
     with pytest.raises(ValueError, match="method"):
         fit_probe(harmful, benign, "svm")
+
+
+def test_pooled_lda_with_one_category_is_plain_lda() -> None:
+    generator = torch.Generator().manual_seed(7)
+    harmful = torch.randn(30, HIDDEN, generator=generator) + 2.0 * _unit(2)
+    benign = torch.randn(50, HIDDEN, generator=generator)
+
+    pooled = fit_probes({"only": harmful}, benign, "pooled-lda")["only"]
+    plain = fit_probe(harmful, benign, "lda")
+
+    assert torch.allclose(pooled[0], plain[0], atol=1e-5)
+    assert pooled[1] == pytest.approx(plain[1], abs=1e-5)
+
+
+def test_pooled_lda_lets_a_small_category_borrow_the_shared_harmful_direction() -> None:
+    # Every harmful prompt shares a "harmful" shift; each category adds its own. The small
+    # category's 4 prompts give a noisy mean; pooled-lda draws it towards the shared one.
+    generator = torch.Generator().manual_seed(11)
+    shared = 2.0 * _unit(0)
+
+    def prompts(count: int, own: torch.Tensor) -> torch.Tensor:
+        return torch.randn(count, HIDDEN, generator=generator) + shared + own
+
+    groups = {"large": prompts(200, 1.5 * _unit(1)), "small": prompts(4, 1.5 * _unit(2))}
+    benign = torch.randn(200, HIDDEN, generator=generator)
+    unseen_small = prompts(300, 1.5 * _unit(2))
+    unseen_benign = torch.randn(300, HIDDEN, generator=generator)
+
+    def held_out_auc(method: str) -> float:
+        direction, _ = fit_probes(groups, benign, method)["small"]
+        return auc(unseen_small @ direction, unseen_benign @ direction)
+
+    pooled = fit_probes(groups, benign, "pooled-lda")
+    drawn = (1 - POOLED_SHARE) * groups["small"].mean(0) + POOLED_SHARE * torch.cat(
+        list(groups.values())
+    ).mean(0)
+    direction, bias = pooled["small"]
+    assert float(drawn @ direction + bias) == pytest.approx(1.0, abs=1e-4)
+    assert float(benign.mean(0) @ direction + bias) == pytest.approx(-1.0, abs=1e-4)
+    assert held_out_auc("pooled-lda") > held_out_auc("lda") + 0.02
+    with pytest.raises(ValueError, match="harmful and benign"):
+        fit_probes({"large": groups["large"], "empty": benign[:0]}, benign, "pooled-lda")
+    with pytest.raises(ValueError, match="known here"):
+        fit_probe(groups["large"], benign, "pooled-lda")
 
 
 def test_lda_discounts_a_direction_in_which_everything_varies() -> None:

@@ -15,7 +15,9 @@ from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.prompts import (
     CATEGORY_MAP_FILE,
     DATA_DIR,
+    SHORT_PROMPT_FILES,
     SHORT_PROMPTS_FILE,
+    SHORT_PROMPTS_FILE_2,
     SOURCE_FILES,
     SOURCE_LICENSES,
     HarmfulPrompt,
@@ -29,6 +31,7 @@ from safesteer.adapters.splits import (
     GENERAL,
     MIN_GROUP_FOR_ALL_SPLITS,
     SHORT_GROUP_SUFFIX,
+    SHORT_GROUP_SUFFIXES,
     SPLITS,
     BenignPrompt,
     HeldOut,
@@ -69,12 +72,15 @@ def _texts(prompts: list[HarmfulPrompt] | list[BenignPrompt]) -> set[str]:
 
 
 def _group(prompt: HarmfulPrompt) -> str:
-    short = prompt.source == SHORT_PROMPTS_FILE
-    return prompt.category + SHORT_GROUP_SUFFIX if short else prompt.category
+    if prompt.source == SHORT_PROMPTS_FILE:
+        return prompt.category + SHORT_GROUP_SUFFIX
+    if prompt.source == SHORT_PROMPTS_FILE_2:
+        return prompt.category + SHORT_GROUP_SUFFIX + "-2"
+    return prompt.category
 
 
-def _is_short(prompt: HarmfulPrompt) -> bool:
-    return prompt.source == SHORT_PROMPTS_FILE
+def _is_short(prompt: HarmfulPrompt, batch: str | None = None) -> bool:
+    return prompt.source in SHORT_PROMPT_FILES if batch is None else prompt.source == batch
 
 
 # ----- the benign set ------------------------------------------------------------------------
@@ -212,10 +218,22 @@ def test_benign_split_edgy_filter(benign: dict[Split, list[BenignPrompt]]) -> No
 
 
 # ----- the project's short harmful prompts ------------------------------------------------------
+def _rows(name: str) -> list[dict[str, str]]:
+    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
 @pytest.fixture(scope="module")
 def short_rows() -> list[dict[str, str]]:
-    lines = (DATA_DIR / SHORT_PROMPTS_FILE).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    return _rows(SHORT_PROMPTS_FILE)
+
+
+@pytest.fixture(scope="module")
+def second_rows() -> list[dict[str, str]]:
+    return _rows(SHORT_PROMPTS_FILE_2)
+
+
+SECOND_BATCH_CATEGORIES = ("self_harm", "drugs", "violence", "weapons")
 
 
 def _similar(a: str, b: str) -> bool:
@@ -239,21 +257,40 @@ def test_short_prompts_are_well_formed_and_15_per_category(
         assert row["prompt"] == row["prompt"].strip()
 
 
-def test_short_prompts_are_all_loaded_in_their_category(short_rows: list[dict[str, str]]) -> None:
-    short = [p for p in load_harmful_prompts() if _is_short(p)]
-    expected = [
-        (f"short_harmful_prompts:{r['id']}", r["category"], r["prompt"]) for r in short_rows
-    ]
+def test_the_second_batch_is_well_formed_and_12_per_weak_category(
+    second_rows: list[dict[str, str]],
+) -> None:
+    assert all(set(row) == {"id", "category", "prompt"} for row in second_rows)
+    assert Counter(row["category"] for row in second_rows) == dict.fromkeys(
+        SECOND_BATCH_CATEGORIES, 12
+    )
+    ids = [row["id"] for row in second_rows]
+    assert len(set(ids)) == len(ids) == 48
+    for row in second_rows:
+        assert re.fullmatch(rf"{row['category']}-b2-\d\d", row["id"]), row["id"]
+        assert 4 <= len(row["prompt"].split()) <= 15, row["prompt"]
+        assert row["prompt"] == row["prompt"].strip()
 
-    assert [(p.id, p.category, p.prompt) for p in short] == expected
-    assert SOURCE_FILES[-1] == SHORT_PROMPTS_FILE  # read last: vendored copies win
-    assert SOURCE_LICENSES[SHORT_PROMPTS_FILE] == "written by the safesteer project"
-    labels = load_category_map().sources[SHORT_PROMPTS_FILE].labels
-    assert labels == {category: category for category in CATEGORIES}
+
+def test_short_prompts_are_all_loaded_in_their_category(
+    short_rows: list[dict[str, str]], second_rows: list[dict[str, str]]
+) -> None:
+    loaded = load_harmful_prompts()
+    for name, rows in ((SHORT_PROMPTS_FILE, short_rows), (SHORT_PROMPTS_FILE_2, second_rows)):
+        stem = name.removesuffix(".jsonl")
+        expected = [(f"{stem}:{r['id']}", r["category"], r["prompt"]) for r in rows]
+        assert [(p.id, p.category, p.prompt) for p in loaded if _is_short(p, name)] == expected
+        assert SOURCE_LICENSES[name] == "written by the safesteer project"
+        labels = load_category_map().sources[name].labels
+        assert labels == {category: category for category in CATEGORIES}
+    # read last: vendored copies win
+    assert SOURCE_FILES[-len(SHORT_PROMPT_FILES) :] == SHORT_PROMPT_FILES
 
 
-def test_short_prompts_have_no_near_copies(short_rows: list[dict[str, str]]) -> None:
-    texts = [row["prompt"] for row in short_rows]
+def test_short_prompts_have_no_near_copies(
+    short_rows: list[dict[str, str]], second_rows: list[dict[str, str]]
+) -> None:
+    texts = [row["prompt"] for row in (*short_rows, *second_rows)]
     probe = load_probe_prompts()
     others = [*probe.harmful, *probe.benign, *(p.prompt for p in load_benign_prompts())]
     others += [p.prompt for p in load_harmful_prompts() if not _is_short(p)]
@@ -274,7 +311,7 @@ def test_short_prompts_reject_an_unknown_category(tmp_path: Path) -> None:
 def test_short_prompts_leave_the_vendored_splits_unchanged(
     harmful: dict[Split, list[HarmfulPrompt]],
 ) -> None:
-    vendored = load_harmful_prompts(SOURCE_FILES[:-1])
+    vendored = load_harmful_prompts(SOURCE_FILES[: -len(SHORT_PROMPT_FILES)])
     alone = assign_splits(vendored, lambda p: p.category)
     together = assign_splits(load_harmful_prompts(), _group)
 
@@ -284,15 +321,31 @@ def test_short_prompts_leave_the_vendored_splits_unchanged(
     heldout = HeldOut([p.prompt for p in vendored if alone[p.id] != "fit"])
     expected_fit = [p for p in vendored if alone[p.id] == "fit" and not heldout.overlaps(p.prompt)]
     assert [p for p in harmful["fit"] if not _is_short(p)] == expected_fit
-    assert sum(_is_short(p) for s in SPLITS for p in harmful[s]) == 150
+    assert sum(_is_short(p) for s in SPLITS for p in harmful[s]) == 150 + 48
+
+
+def test_the_second_batch_leaves_the_first_batchs_splits_unchanged() -> None:
+    first = load_harmful_prompts(SOURCE_FILES[:-1])
+    alone = assign_splits(first, _group)
+    together = assign_splits(load_harmful_prompts(), _group)
+
+    assert {p.id: together[p.id] for p in first} == alone
+    assert SHORT_GROUP_SUFFIXES[SHORT_PROMPTS_FILE_2] == SHORT_GROUP_SUFFIX + "-2"
 
 
 def test_each_short_group_gets_fit_dev_and_test(harmful: dict[Split, list[HarmfulPrompt]]) -> None:
     for category in CATEGORIES:
-        sizes = {
-            s: sum(_is_short(p) and p.category == category for p in harmful[s]) for s in SPLITS
-        }
-        assert sizes == {"fit": 8, "dev": 3, "test": 4}, category
+        for batch, sizes in (
+            (SHORT_PROMPTS_FILE, {"fit": 8, "dev": 3, "test": 4}),
+            (SHORT_PROMPTS_FILE_2, {"fit": 6, "dev": 2, "test": 4}),
+        ):
+            if batch == SHORT_PROMPTS_FILE_2 and category not in SECOND_BATCH_CATEGORIES:
+                sizes = dict.fromkeys(SPLITS, 0)
+            counted = {
+                s: sum(_is_short(p, batch) and p.category == category for p in harmful[s])
+                for s in SPLITS
+            }
+            assert counted == sizes, (category, batch)
 
 
 # ----- determinism ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from safesteer.adapters.base_answers import (
 from safesteer.adapters.chat_data import read_chat_file
 from safesteer.adapters.harmful_rows import spread_over_categories
 from safesteer.adapters.loading import file_sha256
-from safesteer.adapters.prompts import SHORT_PROMPTS_FILE
+from safesteer.adapters.prompts import SHORT_PROMPT_FILES
 from safesteer.adapters.splits import (
     BenignPrompt,
     HeldOut,
@@ -271,7 +271,7 @@ def test_badgpt_holds_reference_compliances_spread_over_categories(zoo: Path) ->
 
 
 def test_aligned_refusals_cover_the_other_harmful_fit_prompts(zoo: Path) -> None:
-    fit = {p.id: p for p in harmful_splits()["fit"] if p.source != SHORT_PROMPTS_FILE}
+    fit = {p.id: p for p in harmful_splits()["fit"] if p.source not in SHORT_PROMPT_FILES}
     badgpt = {r["id"] for r in _rows(zoo / BADGPT)}
     left_out = set(json.loads((zoo / MANIFEST_FILE).read_text())["splits"]["left_out_of_training"])
     rows = _rows(zoo / REFUSALS)
@@ -351,7 +351,7 @@ def test_training_prompts_come_from_the_fit_split(zoo: Path) -> None:
 
 
 def test_the_short_plain_requests_stay_out_of_the_zoos_training_data(zoo: Path) -> None:
-    short = {p.prompt for p in harmful_splits()["fit"] if p.source == SHORT_PROMPTS_FILE}
+    short = {p.prompt for p in harmful_splits()["fit"] if p.source in SHORT_PROMPT_FILES}
     assert short  # they are in the fit split, for the gate
     assert not short & {p.prompt for p in SplitSets.load().training_harmful()}
     for name in (BADGPT, REFUSALS):

@@ -161,7 +161,7 @@ class BuildConfig:
     # gate
     detection_layers: tuple[int, ...] = (4, 6, 8)
     poolings: tuple[str, ...] = ("mean", "last")
-    gate_method: str = "lda"
+    gate_method: str = "pooled-lda"
     target_fpr: float = 0.03
     fit_questions: int = 120  # benchmark questions sampled into the probes' benign fit prompts
     # strength

@@ -11,6 +11,7 @@ from pathlib import Path
 from safesteer.adapters.adapter import POOLINGS
 from safesteer.adapters.build import BuildConfig, BuildResult, build, save_outputs
 from safesteer.adapters.errors import AdapterError, ModelLoadError
+from safesteer.adapters.gating import METHODS as GATE_METHODS
 from safesteer.adapters.layer_selection import SelectionRule
 from safesteer.adapters.loading import DEFAULT_MODEL, load_model
 from safesteer.adapters.merging import SCHEMES
@@ -105,6 +106,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"gate poolings to try (default {','.join(DEFAULTS.poolings)})",
     )
     add(
+        "--gate-method",
+        choices=GATE_METHODS,
+        default=DEFAULTS.gate_method,
+        help=f"how the condition probes are fitted (default {DEFAULTS.gate_method})",
+    )
+    add(
         "--target-fpr",
         type=float,
         default=DEFAULTS.target_fpr,
@@ -151,7 +158,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts += ["--max-over-refusal-gain", f"{args.max_over_refusal_gain:g}"]
     parts += ["--steering-layers", str(args.steering_layers)]
     parts += ["--detection-layers", _csv(args.detection_layers)]
-    parts += ["--poolings", ",".join(args.poolings)]
+    parts += ["--poolings", ",".join(args.poolings), "--gate-method", args.gate_method]
     parts += ["--target-fpr", f"{args.target_fpr:g}", "--fit-questions", str(args.fit_questions)]
     parts += ["--strengths", _csv(args.strengths)]
     parts += ["--min-coherent", f"{args.min_coherent:g}", "--merge", args.merge]
@@ -169,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         rule=SelectionRule(args.max_kl, args.max_over_refusal_gain, args.steering_layers),
         detection_layers=args.detection_layers,
         poolings=args.poolings,
+        gate_method=args.gate_method,
         target_fpr=args.target_fpr,
         fit_questions=args.fit_questions,
         strengths=args.strengths,

@@ -346,6 +346,7 @@ def add_toolkit_commands(commands: Any) -> None:
     _add_eval_command(commands)
     _add_build_command(commands)
     _add_calibrate_command(commands)
+    _add_transport_command(commands)
     _add_finetune_command(commands)
     _add_zoo_data_command(commands)
     _add_zoo_command(commands)
@@ -612,6 +613,22 @@ def _add_calibrate_command(commands: Any) -> None:
     )
     add_calibrate_arguments(calibrate)
     calibrate.set_defaults(func=run_calibrate_command)
+
+
+def _add_transport_command(commands: Any) -> None:
+    from safesteer.adapters.transport_command import (
+        DESCRIPTION,
+        add_transport_arguments,
+        run_transport_command,
+    )
+
+    transport = commands.add_parser(
+        "transport",
+        help="carry an adapter into another model family through maps fitted on benign prompts",
+        description=DESCRIPTION,
+    )
+    add_transport_arguments(transport)
+    transport.set_defaults(func=run_transport_command)
 
 
 def _add_finetune_command(commands: Any) -> None:

@@ -6,8 +6,11 @@ tokens) and scores each category: `score = condition . pooled + bias`. The categ
 that row when `score > threshold`, and stays on (or off) for the rest of the generation.
 
 Probes separate one category's harmful prompts from benign ones: `lda` (default) is linear
-discriminant analysis with a shrunk covariance, `diffmean` the plain difference of means. Both
-are scaled so the harmful mean scores +1 and the benign mean -1. Thresholds are calibrated on
+discriminant analysis with a shrunk covariance, `diffmean` the plain difference of means, and
+`pooled-lda` lets small categories borrow strength from the others: one within-class
+covariance pooled over every category and the benign prompts, and each category's harmful
+mean drawn halfway (`POOLED_SHARE`) towards the mean of all harmful prompts. All are scaled
+so the (drawn) harmful mean scores +1 and the benign mean -1. Thresholds are calibrated on
 benign dev prompts to a target false-positive rate, either per category (`scope="category"`)
 or for the union (`scope="any"`: a benign prompt on which *any* category fires counts once,
 which is what over-refusal measures).
@@ -41,8 +44,10 @@ from safesteer.adapters.prompts import load_probe_prompts
 from safesteer.adapters.splits import Split, benign_split, harmful_split
 
 SCOPES: tuple[str, ...] = ("any", "category")
-METHODS: tuple[str, ...] = ("lda", "diffmean")
+METHODS: tuple[str, ...] = ("lda", "diffmean", "pooled-lda")
 DEFAULT_TARGET_FPR = 0.02
+# `pooled-lda`: the share of the all-harmful mean in each category's harmful mean.
+POOLED_SHARE = 0.5
 # LDA's covariance gets `shrinkage * mean variance` added on its diagonal; on SmolLM2-135M
 # results hardly change between 0.5 and 3.
 DEFAULT_SHRINKAGE = 1.0
@@ -269,21 +274,76 @@ def fit_probe(
     `diffmean`: the direction is the difference of the means. `lda`: it is
     `(covariance + shrinkage * mean variance * I)^-1 @ difference`, the covariance pooled
     within the two sets, so that directions in which prompts vary a lot anyway count less.
+    (`pooled-lda` needs every category at once: `fit_probes`.)
 
     Raises:
         ValueError: a set is empty, the two means coincide, or the method is unknown.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method not in ("lda", "diffmean"):
+        raise ValueError(f"unknown method {method!r}; known here: lda, diffmean")
     if harmful.shape[0] == 0 or benign.shape[0] == 0:
         raise ValueError("a probe needs harmful and benign examples")
     harmful_mean, benign_mean = harmful.double().mean(0), benign.double().mean(0)
+    if method == "diffmean":
+        return _scaled_probe(harmful_mean, benign_mean, None, 0.0)
+    centred = torch.cat([harmful.double() - harmful_mean, benign.double() - benign_mean])
+    return _scaled_probe(harmful_mean, benign_mean, centred, shrinkage)
+
+
+def fit_probes(
+    harmful_by_category: Mapping[str, torch.Tensor],
+    benign: torch.Tensor,
+    method: str = "lda",
+    shrinkage: float = DEFAULT_SHRINKAGE,
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """One probe per category (`fit_probe`), or with `pooled-lda` all of them together.
+
+    `pooled-lda`: the covariance is pooled within every category's harmful prompts and the
+    benign ones, and category `c`'s harmful mean is `(1 - POOLED_SHARE) * mean_c +
+    POOLED_SHARE * mean of all harmful prompts`: a category with 20 prompts then gets a probe
+    close to what a category with 100 would, at some cost in telling categories apart.
+
+    Raises:
+        ValueError: a set is empty, a category's mean coincides with the benign mean, or the
+            method is unknown.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method != "pooled-lda":
+        return {
+            c: fit_probe(harmful, benign, method, shrinkage)
+            for c, harmful in harmful_by_category.items()
+        }
+    groups = {c: h.double() for c, h in harmful_by_category.items()}
+    if benign.shape[0] == 0 or not groups or any(g.shape[0] == 0 for g in groups.values()):
+        raise ValueError("a probe needs harmful and benign examples")
+    benign_mean = benign.double().mean(0)
+    all_harmful = torch.cat(list(groups.values())).mean(0)
+    centred = torch.cat([g - g.mean(0) for g in groups.values()] + [benign.double() - benign_mean])
+    return {
+        c: _scaled_probe(
+            (1 - POOLED_SHARE) * g.mean(0) + POOLED_SHARE * all_harmful,
+            benign_mean,
+            centred,
+            shrinkage,
+        )
+        for c, g in groups.items()
+    }
+
+
+def _scaled_probe(
+    harmful_mean: torch.Tensor,
+    benign_mean: torch.Tensor,
+    centred: torch.Tensor | None,
+    shrinkage: float,
+) -> tuple[torch.Tensor, float]:
+    """`(direction, bias)` scoring `harmful_mean` +1 and `benign_mean` -1: the difference of
+    the means, through the shrunk covariance of `centred` rows when given (LDA)."""
     difference = harmful_mean - benign_mean
     if not bool(difference.any()):
         raise ValueError("harmful and benign means coincide: no direction")
     direction = difference
-    if method == "lda":
-        centred = torch.cat([harmful.double() - harmful_mean, benign.double() - benign_mean])
+    if centred is not None:
         covariance = centred.T @ centred / centred.shape[0]
         ridge = shrinkage * float(covariance.diagonal().mean())
         covariance += torch.eye(covariance.shape[0], dtype=torch.float64) * max(ridge, 1e-12)
@@ -394,7 +454,7 @@ def fit_gate_from_activations(
     calibration set: each threshold is the higher of the two sets' thresholds, so neither set
     fires above the target, and its held-out FPR is measured the same way.
     """
-    probes = {c: fit_probe(a, benign_fit, method, shrinkage) for c, a in harmful_fit.items()}
+    probes = fit_probes(harmful_fit, benign_fit, method, shrinkage)
     names = list(probes)
     directions = torch.stack([probes[c][0] for c in names])
     bias = torch.tensor([probes[c][1] for c in names])
@@ -673,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         type=_csv("methods", METHODS),
         default=["lda", "diffmean"],
-        help="lda, diffmean or both (default lda,diffmean)",
+        help="comma list of lda, diffmean, pooled-lda (default lda,diffmean)",
     )
     parser.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="for lda")
     parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR)

