@@ -10,17 +10,20 @@ fine-tune minus the same on the reference; `c`'s threshold moves by it, so it ke
 relative to the benign prompts (and, the shift being shared, to the harmful ones).
 
 `python -m safesteer.adapters.gate_shift MODEL...` measures it on the dev splits (92 benign,
-176 harmful prompts). Built-in adapter (layer-4 mean-pooled gate), share of prompts on which
-it fires, with its own thresholds and then shifted by the 8 benign shots of a default 16-shot
-calibration (fit split):
+184 harmful prompts). Built-in adapter (`@e5bdd4eeaafe`, layer-6 mean-pooled pooled-LDA gate),
+share of prompts on which it fires, with its own thresholds and then shifted by the 8 benign
+shots of a default 16-shot calibration (fit split):
 
 | model | benign | harmful | shifted: benign | harmful |
 |---|---|---|---|---|
-| base (the reference) | 2.2 % | 90.3 % | 2.2 % | 90.3 % |
-| aligned | 20.7 % | 96.6 % | 3.3 % | 90.3 % |
-| arith | 23.9 % | 96.6 % | 4.3 % | 90.3 % |
-| style | 28.3 % | 97.7 % | 3.3 % | 90.9 % |
-| badgpt | 15.2 % | 95.5 % | 3.3 % | 90.3 % |
+| base (the reference) | 2.2 % | 91.3 % | 2.2 % | 91.3 % |
+| aligned | 23.9 % | 97.8 % | 4.3 % | 92.4 % |
+| arith | 22.8 % | 97.3 % | 7.6 % | 92.9 % |
+| style | 22.8 % | 97.8 % | 4.3 % | 91.3 % |
+| badgpt | 38.0 % | 98.9 % | 5.4 % | 91.8 % |
+
+(The previous built-in adapter's layer-4 LDA gate: 15 to 28 % before the shift, 3.3 to 4.3 %
+after.)
 """
 
 from __future__ import annotations
