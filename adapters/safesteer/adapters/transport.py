@@ -106,7 +106,7 @@ def r_squared(
     residual = float(((actual - predicted) ** 2).sum())
     centres = actual.mean(0).expand_as(actual).clone()
     if groups is not None:
-        for label in groups.unique():
+        for label in sorted(set(groups.tolist())):
             rows = groups == label
             centres[rows] = actual[rows].mean(0)
     total = float(((actual - centres) ** 2).sum())
