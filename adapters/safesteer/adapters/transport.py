@@ -36,9 +36,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -212,8 +211,6 @@ class TransportResult:
     adapter: SafetyAdapter
     layer_map: Mapping[int, int]  # source layer -> target layer
     maps: Mapping[int, LinearMap]  # by source layer: source -> target
-    reverse_maps: Mapping[int, LinearMap] = field(default_factory=dict)  # by target layer
-    seconds: float = 0.0
 
 
 def _digest(prompts: Sequence[str]) -> str:
@@ -239,7 +236,6 @@ def transport_adapter(
             steering layers in the target.
     """
     config = config or TransportConfig()
-    started = time.perf_counter()
     source.check_fits(source_model.family)
     s_layers, t_layers = source_model.family.num_layers, target_model.family.num_layers
     layer_map = {la: corresponding_layer(la, s_layers, t_layers) for la in source.layers}
@@ -337,9 +333,8 @@ def transport_adapter(
         recipe=recipe,
     )
     adapter = SafetyAdapter(metadata, vectors, coefficients)
-    reverse: dict[int, LinearMap] = {}
     if gate is not None:
-        adapter, reverse_map, gate_recipe = _transport_gate(
+        adapter, gate_recipe = _transport_gate(
             source,
             adapter,
             src,
@@ -349,10 +344,9 @@ def transport_adapter(
             target_of[gate.detection_layer],
             config,
         )
-        reverse[target_of[gate.detection_layer]] = reverse_map
         recipe["gate"] = gate_recipe
         adapter = replace(adapter, metadata=replace(adapter.metadata, recipe=recipe))
-    return TransportResult(adapter, layer_map, maps, reverse, time.perf_counter() - started)
+    return TransportResult(adapter, layer_map, maps)
 
 
 def _transport_gate(
@@ -364,7 +358,7 @@ def _transport_gate(
     calibration_prompts: list[str],
     target_detection: int,
     config: TransportConfig,
-) -> tuple[SafetyAdapter, LinearMap, dict[str, Any]]:
+) -> tuple[SafetyAdapter, dict[str, Any]]:
     gate = source.metadata.gate
     assert gate is not None
     groups = len(POOLINGS_STACKED)
@@ -422,7 +416,7 @@ def _transport_gate(
         "reverse_map_held_out_r2": round(reverse.held_out_r2, 4),
         "reverse_map_weight_sha256": reverse.sha256(),
     }
-    return transported, reverse, record
+    return transported, record
 
 
 # ----- comparing two adapters -----------------------------------------------------------------

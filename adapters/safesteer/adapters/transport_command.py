@@ -121,7 +121,7 @@ def run_transport_command(args: argparse.Namespace) -> int:
     adapter = result.adapter
     recipe = dict(adapter.metadata.recipe)
     recipe["command"] = canonical_command(args, source_spec)
-    recipe["seconds"] = round(time.perf_counter() - started, 1)
+    seconds = time.perf_counter() - started
     adapter = replace(adapter, metadata=replace(adapter.metadata, recipe=recipe))
     for source_layer, target_layer in sorted(result.layer_map.items()):
         r2 = result.maps[source_layer].held_out_r2
@@ -134,5 +134,5 @@ def run_transport_command(args: argparse.Namespace) -> int:
             f"{gate['calibration_fired']:.1%} of the calibration prompts"
         )
     path = adapter.save(args.out)
-    print(f"wrote {path} ({adapter.id}) in {recipe['seconds']:.1f} s")
+    print(f"wrote {path} ({adapter.id}) in {seconds:.1f} s")
     return 0
