@@ -11,8 +11,10 @@ table plus the ratios the engine issue targets, and writes everything as JSON (`
 
 Peers: `naive` (bench/naive_server.py: HF generate under a lock), `llamacpp`
 (llama-cpp-python's own server, from bench/.venv-peers) and `llama-server` (llama.cpp's C++
-server with 16 parallel slots, from bench/.peers-build). Aggregate tokens/s of a level is the
-completion tokens of all its requests divided by the level's wall time.
+server with 16 parallel slots, from bench/.peers-build) and `transformers-serve` (`transformers
+serve --continuous-batching` on the dequantized model folder, from the project venv).
+Aggregate tokens/s of a level is the completion tokens of all its requests divided by the
+level's wall time.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 MODEL = "smollm2-135m-instruct"
 NEW_TOKENS = 64
-PEERS = ("naive", "llamacpp", "llama-server")
+PEERS = ("naive", "llamacpp", "llama-server", "transformers-serve")
 PEERS_VENV_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
 LLAMA_SERVER = BENCH / ".peers-build" / "bin" / "llama-server"
 BUILTIN_ADAPTER = ROOT / "adapters" / "smollm2-135m" / "safety.safetensors"
@@ -78,6 +80,7 @@ TARGETS = {
     "vs_naive_c16": 4.0,
     "vs_llamacpp_c16": 1.0,
     "vs_llama_server_c16": 1.0,
+    "vs_transformers_serve_c16": 1.0,
 }
 
 Payload = dict[str, Any]
@@ -257,6 +260,10 @@ def forced_payload(server: str, tokens: int) -> PayloadFn:
         body = base_payload(index, tokens)
         if server == "llamacpp":
             body["logit_bias"] = {str(t): -100.0 for t in SMOLLM2_EOG_IDS}
+        elif server == "transformers-serve":
+            # No `ignore_eos` (422) and no working `logit_bias`: the long-answer prompts run
+            # to the length on their own; levels under 64 tokens a request are flagged.
+            body["model"] = str(model_folder())
         else:  # safesteer, naive and llama-server all take vLLM's `ignore_eos`
             body["ignore_eos"] = True
         return body
@@ -386,6 +393,12 @@ def server_command(
         return [str(cli), "serve", *common, "--log-level", "warning", *extra, *torch_flags]
     if name == "naive":
         return [sys.executable, str(BENCH / "naive_server.py"), *common, *torch_flags]
+    if name == "transformers-serve":
+        cli = Path(sys.executable).with_name("transformers")
+        return [
+            str(cli), "serve", str(model_folder()), *common, "--continuous-batching",
+            "--dtype", "float32", "--device", "cpu", "--log-level", "warning",
+        ]  # fmt: skip
     gguf = str(packaged_gguf_path())
     if name == "llamacpp":
         return [
@@ -410,7 +423,15 @@ HEALTH_PATHS = {
     "naive": "/health",
     "llamacpp": "/v1/models",
     "llama-server": "/health",
+    "transformers-serve": "/health",
 }
+
+
+def model_folder() -> Path:
+    """The packaged model's dequantized safetensors folder (what `transformers serve` reads)."""
+    from safesteer.adapters.loading import dequantized_folder
+
+    return dequantized_folder(MODEL)
 
 
 def packaged_gguf_path() -> Path:
@@ -608,6 +629,7 @@ def compute_ratios(runs: dict[str, ServerRun]) -> dict[str, dict[str, Any]]:
         ("naive", "naive"),
         ("llamacpp", "llamacpp"),
         ("llama-server", "llama_server"),
+        ("transformers-serve", "transformers_serve"),
     ):
         if peer in runs:
             values[f"vs_{key}_c16"] = ratio(c16, pooled_tps(runs[peer], "c16"))

@@ -156,6 +156,28 @@ def _gguf_sha256(spec: str, path: Path) -> str:
     return file_sha256(path)
 
 
+def _dequantized_cache(spec: str, gguf_path: Path, cache_root: Path) -> Path:
+    return cache_root / "models" / _gguf_sha256(spec, gguf_path)[:32]
+
+
+def dequantized_folder(spec: str, cache_dir: Path | None = None) -> Path:
+    """The Hugging Face folder a model loads from: its own for a folder, else the safetensors
+    cache of its GGUF, written here by a first `load_model` if missing (for peers such as
+    `transformers serve` that read folders only).
+
+    Raises:
+        ModelLoadError: the source cannot be found or loaded.
+    """
+    cache_root = cache_dir or default_cache_dir()
+    _, folder, gguf_file = resolve_source(spec, cache_root)
+    if gguf_file is None:
+        return folder
+    cached = _dequantized_cache(spec, folder / gguf_file, cache_root)
+    if not (cached / "config.json").is_file():
+        load_model(spec, cache_root)
+    return cached
+
+
 def _from_folder(folder: Path, gguf_file: str | None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,7 +238,7 @@ def _load_base(spec: str, cache_dir: Path | None) -> tuple[str, Any, Any]:
     name, folder, gguf_file = resolve_source(spec, cache_root)
     load_folder, load_gguf = folder, gguf_file
     if gguf_file is not None:
-        cached = cache_root / "models" / _gguf_sha256(spec, folder / gguf_file)[:32]
+        cached = _dequantized_cache(spec, folder / gguf_file, cache_root)
         if (cached / "config.json").is_file():
             load_folder, load_gguf = cached, None
         else:
