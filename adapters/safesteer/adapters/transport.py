@@ -242,7 +242,7 @@ def transport_adapter(
     if len(set(layer_map.values())) != len(layer_map):
         raise ValueError(f"two source layers land on one target layer: {layer_map}")
     gate = source.metadata.gate if config.gate else None
-    used = set(layer_map)
+    target_of = dict(layer_map)  # every source layer read -> its target layer
     if gate is not None:
         detection = corresponding_layer(gate.detection_layer, s_layers, t_layers)
         early = [t for t in layer_map.values() if t <= detection]
@@ -251,7 +251,7 @@ def transport_adapter(
                 f"the gate's detection layer {gate.detection_layer} lands on target layer "
                 f"{detection}, not before steering layers {early}; transport without the gate"
             )
-        used.add(gate.detection_layer)
+        target_of[gate.detection_layer] = detection
     prompts = list(fit_prompts)
     if len(prompts) < 2:
         raise ValueError("transport needs at least 2 fit prompts")
@@ -259,8 +259,7 @@ def transport_adapter(
         "batch_size": config.batch_size,
         "show_progress": config.show_progress,
     }
-    target_of = {la: corresponding_layer(la, s_layers, t_layers) for la in used}
-    src = pooled_activations(source_model, prompts, sorted(used), desc="source", **options)
+    src = pooled_activations(source_model, prompts, sorted(target_of), desc="source", **options)
     tgt = pooled_activations(
         target_model, prompts, sorted(set(target_of.values())), desc="target", **options
     )

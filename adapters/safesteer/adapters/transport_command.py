@@ -13,7 +13,7 @@ from safesteer.adapters.adapter import SafetyAdapter
 from safesteer.adapters.calibrate_command import reference_source
 from safesteer.adapters.errors import AdapterError, AdapterMismatch, ModelLoadError
 from safesteer.adapters.loading import load_model
-from safesteer.adapters.splits import benign_split, load_benign_file
+from safesteer.adapters.splits import Split, benign_split, load_benign_file
 from safesteer.adapters.transport import DEFAULT_RIDGE, TransportConfig, transport_adapter
 
 DESCRIPTION = (
@@ -80,10 +80,11 @@ def canonical_command(args: argparse.Namespace, source_model: str) -> str:
     return shlex.join(parts)
 
 
-def _prompts(path: Path | None, split: str) -> list[str]:
+def _prompts(path: Path | None, split: Split) -> list[str]:
+    """The prompts of a JSONL file, else those of the project's benign `split`."""
     if path is not None:
         return [p.prompt for p in load_benign_file(path)]
-    return [p.prompt for p in benign_split("fit" if split == "fit" else "dev")]
+    return [p.prompt for p in benign_split(split)]
 
 
 def run_transport_command(args: argparse.Namespace) -> int:
