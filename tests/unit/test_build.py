@@ -362,12 +362,14 @@ def test_the_canonical_command_reproduces_the_settings(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_build_arguments(parser)
     argv = ["--out", str(tmp_path / "a.safetensors"), "--candidate-layers", "12,14"]
-    argv += ["--scales", "0.2", "--strengths", "0.8,1", "--target-fpr", "0.04", "--quiet"]
+    argv += ["--scales", "0.2", "--strengths", "0.8,1", "--target-fpr", "0.05", "--quiet"]
+    argv += ["--calibration-folds", "3"]
     config = config_from_args(parser.parse_args(argv))
     assert config.candidate_layers == (12, 14) and config.strengths == (0.8, 1.0)
     assert config.refusal == CANONICAL_REFUSAL
     assert config_from_args(parser.parse_args([*argv, "--refusal", ""])).refusal is None
-    assert config.target_fpr == 0.04 and not config.show_progress
+    assert config.target_fpr == 0.05 and config.calibration_folds == 3
+    assert not config.show_progress
     again = config_from_args(parser.parse_args([*shlex.split(config.command)[2:], "--quiet"]))
     assert again == config
 

@@ -31,6 +31,7 @@ from safesteer.adapters.gating import (
     fit_probes,
     held_out_fired,
     main,
+    out_of_fold_scores,
     pool,
     prompt_activations,
     render,
@@ -325,6 +326,72 @@ def test_a_second_calibration_set_holds_both_sets_to_the_target() -> None:
     assert float(alone.fired(questions).any(dim=1).double().mean()) > 0.3
     assert both.spec.categories["violence"].threshold > alone.spec.categories["violence"].threshold
     assert both.benign_any <= alone.benign_any
+
+
+def _scores(probes: dict[str, tuple[torch.Tensor, float]], rows: torch.Tensor) -> torch.Tensor:
+    directions = torch.stack([probe[0] for probe in probes.values()])
+    return rows @ directions.T + torch.tensor([probe[1] for probe in probes.values()])
+
+
+def test_out_of_fold_scores_look_like_unseen_prompts_where_in_sample_scores_do_not() -> None:
+    # 40 benign prompts in 64 dimensions: LDA overfits them, so their in-sample scores sit
+    # below those of fresh benign prompts (at -1 by construction); out of fold they do not.
+    generator = torch.Generator().manual_seed(12)
+    harmful = {"violence": torch.randn(40, HIDDEN, generator=generator) + 3 * _unit(0)}
+    benign = torch.randn(40, HIDDEN, generator=generator)
+    fresh = torch.randn(400, HIDDEN, generator=generator)
+    probes = fit_probes(harmful, benign, "lda", shrinkage=0.05)
+
+    in_sample = _scores(probes, benign).mean().item()
+    unseen = _scores(probes, fresh).mean().item()
+    folded = out_of_fold_scores(harmful, benign, 5, "lda", shrinkage=0.05).mean().item()
+
+    assert unseen - in_sample > 0.2
+    assert abs(folded - unseen) < 0.4 * (unseen - in_sample)
+
+
+def test_out_of_fold_scores_refuse_impossible_folds() -> None:
+    harmful = {"violence": torch.randn(5, HIDDEN) + _unit(0)}
+    for folds in (1, 7):
+        with pytest.raises(ValueError, match="folds"):
+            out_of_fold_scores(harmful, torch.randn(6, HIDDEN), folds)
+
+
+def test_fit_folds_calibrate_on_dev_and_the_fit_prompts_out_of_fold() -> None:
+    generator = torch.Generator().manual_seed(12)
+
+    def cluster(count: int, centre: torch.Tensor) -> torch.Tensor:
+        return torch.randn(count, HIDDEN, generator=generator) + centre
+
+    harmful = {"violence": cluster(60, 4 * _unit(0)), "fraud": cluster(60, 4 * _unit(1))}
+    benign_fit, benign_dev = cluster(200, torch.zeros(HIDDEN)), cluster(30, torch.zeros(HIDDEN))
+    harmful_dev = {"violence": cluster(20, 4 * _unit(0))}
+
+    def fit(folds: int) -> FittedGate:
+        return fit_gate_from_activations(
+            harmful,
+            benign_fit,
+            benign_dev,
+            harmful_dev,
+            detection_layer=0,
+            pooling="mean",
+            target_fpr=0.05,
+            fit_folds=folds,
+        )
+
+    folded, alone = fit(5), fit(0)
+    calibration = torch.cat(
+        [
+            out_of_fold_scores(harmful, benign_fit, 5),
+            _scores(fit_probes(harmful, benign_fit), benign_dev),
+        ]
+    )
+    expected = calibrate_thresholds(calibration, 0.05, "any")
+    thresholds = [g.threshold for g in folded.spec.categories.values()]
+    assert thresholds == pytest.approx(expected.tolist(), abs=1e-5)
+    assert thresholds != pytest.approx([g.threshold for g in alone.spec.categories.values()])
+    # The held-out FPR is still a rate over the 30 dev prompts.
+    assert (folded.benign_any * 30) == pytest.approx(round(folded.benign_any * 30))
 
 
 @pytest.mark.parametrize(

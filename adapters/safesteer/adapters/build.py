@@ -162,7 +162,8 @@ class BuildConfig:
     detection_layers: tuple[int, ...] = (4, 6, 8)
     poolings: tuple[str, ...] = ("mean", "last")
     gate_method: str = "pooled-lda"
-    target_fpr: float = 0.03
+    target_fpr: float = 0.04
+    calibration_folds: int = 5  # benign fit prompts scored out of fold join the calibration
     fit_questions: int = 120  # benchmark questions sampled into the probes' benign fit prompts
     # strength
     strengths: tuple[float, ...] = (0.6, 0.8, 1.0)
@@ -187,8 +188,8 @@ class BuildConfig:
             raise ValueError("scales and strengths must be positive")
         if self.merge not in SCHEMES:
             raise ValueError(f"unknown merge scheme {self.merge!r}; known: {', '.join(SCHEMES)}")
-        if self.fit_questions < 0:
-            raise ValueError("fit_questions must be 0 or more")
+        if self.fit_questions < 0 or self.calibration_folds < 0:
+            raise ValueError("fit_questions and calibration_folds must be 0 or more")
         if not 0.0 < self.target_fpr < 1.0 or not 0.0 <= self.min_coherent <= 1.0:
             raise ValueError("target_fpr must be in (0, 1) and min_coherent in [0, 1]")
 
@@ -444,6 +445,7 @@ def fit_gate_candidates(
                 scope="any",
                 method=config.gate_method,
                 questions_dev=None if questions_dev is None else questions_dev[pooling][:, slot],
+                fit_folds=config.calibration_folds,
             )
             dev[layer, pooling] = {"harmful": held, "benign": benign_dev[pooling][:, slot]}
     return fitted, dev
@@ -708,10 +710,12 @@ def _recipe(
             "gate_selection": {
                 "candidates": [list(g.key) for g in summary.gate_candidates],
                 "rule": "probes fitted on harmful fit vs benign fit + fit questions, calibrated "
-                "to the target FPR on benign dev and on dev questions (the higher threshold); "
+                "to the target FPR on benign dev (plus benign fit + fit questions scored out of "
+                "fold, when calibration_folds > 0) and on dev questions (the higher threshold); "
                 "highest harmful dev TPR minus the higher held-out FPR of the two; ties: lower "
                 "FPR, then the deeper layer, then mean pooling",
                 "target_fpr": config.target_fpr,
+                "calibration_folds": config.calibration_folds,
                 "scope": "any",
                 "poolings": list(config.poolings),
                 "pooling": summary.detection_pooling,

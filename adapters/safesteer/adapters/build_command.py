@@ -119,6 +119,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         f"category may fire (default {DEFAULTS.target_fpr:g})",
     )
     add(
+        "--calibration-folds",
+        type=int,
+        default=DEFAULTS.calibration_folds,
+        help="folds in which the benign fit prompts are scored out of fold to join benign dev "
+        "in calibrating the thresholds; 0: benign dev alone "
+        f"(default {DEFAULTS.calibration_folds})",
+    )
+    add(
         "--fit-questions",
         type=int,
         default=DEFAULTS.fit_questions,
@@ -159,7 +167,9 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts += ["--steering-layers", str(args.steering_layers)]
     parts += ["--detection-layers", _csv(args.detection_layers)]
     parts += ["--poolings", ",".join(args.poolings), "--gate-method", args.gate_method]
-    parts += ["--target-fpr", f"{args.target_fpr:g}", "--fit-questions", str(args.fit_questions)]
+    parts += ["--target-fpr", f"{args.target_fpr:g}"]
+    parts += ["--calibration-folds", str(args.calibration_folds)]
+    parts += ["--fit-questions", str(args.fit_questions)]
     parts += ["--strengths", _csv(args.strengths)]
     parts += ["--min-coherent", f"{args.min_coherent:g}", "--merge", args.merge]
     parts += ["--batch-size", str(args.batch_size)]
@@ -178,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         poolings=args.poolings,
         gate_method=args.gate_method,
         target_fpr=args.target_fpr,
+        calibration_folds=args.calibration_folds,
         fit_questions=args.fit_questions,
         strengths=args.strengths,
         min_coherent=args.min_coherent,

@@ -353,6 +353,42 @@ def _scaled_probe(
     return direction.float(), bias
 
 
+def out_of_fold_scores(
+    harmful_by_category: Mapping[str, torch.Tensor],
+    benign: torch.Tensor,
+    folds: int,
+    method: str = "lda",
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    seed: int = 0,
+) -> torch.Tensor:
+    """`[benign prompts, categories]`: each benign prompt scored by probes fitted without it.
+
+    `benign` is split into `folds` seeded folds; each fold is scored by probes fitted on every
+    harmful prompt and the other folds' benign prompts. These scores join the benign dev
+    prompts as a calibration set several times larger than dev alone. The fold probes see
+    fewer benign prompts than the final ones, so their benign tails are, if anything, heavier
+    and the thresholds calibrated on them err towards firing less.
+
+    Raises:
+        ValueError: fewer than 2 folds, or more folds than benign prompts.
+    """
+    count = benign.shape[0]
+    if not 2 <= folds <= count:
+        raise ValueError(f"folds must be in [2, {count}] for {count} benign prompts")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    names = list(harmful_by_category)
+    scores = torch.zeros(count, len(names))
+    for fold in range(folds):
+        held = order[fold::folds]
+        kept = torch.ones(count, dtype=torch.bool)
+        kept[held] = False
+        probes = fit_probes(harmful_by_category, benign[kept], method, shrinkage)
+        directions = torch.stack([probes[c][0] for c in names])
+        bias = torch.tensor([probes[c][1] for c in names])
+        scores[held] = benign[held].float() @ directions.T + bias
+    return scores
+
+
 def calibrate_thresholds(
     benign_scores: torch.Tensor, target_fpr: float, scope: str
 ) -> torch.Tensor:
@@ -442,6 +478,7 @@ def fit_gate_from_activations(
     method: str = "lda",
     shrinkage: float = DEFAULT_SHRINKAGE,
     questions_dev: torch.Tensor | None = None,
+    fit_folds: int = 0,
 ) -> FittedGate:
     """Fit a probe per category of `harmful_fit` and calibrate it on `benign_dev`.
 
@@ -449,6 +486,10 @@ def fit_gate_from_activations(
     ones per category. TPR is measured on each category's `harmful_dev` prompts (None where it
     has none), FPR on `benign_dev` leave-one-out (each prompt judged by thresholds calibrated
     on the others: on the calibration set itself it would be at most the target by design).
+
+    `fit_folds > 0` calibrates on `benign_dev` plus `benign_fit` scored out of fold
+    (`out_of_fold_scores`): a threshold at a 3 % FPR then rests on a dozen prompts instead of
+    three. The held-out FPR is still measured on the `benign_dev` prompts alone.
 
     `questions_dev`, benign prompts of another format (benchmark questions), is a second
     calibration set: each threshold is the higher of the two sets' thresholds, so neither set
@@ -463,15 +504,22 @@ def fit_gate_from_activations(
         return pooled.float() @ directions.T + bias
 
     benign_scores = scores(benign_dev)
-    thresholds = calibrate_thresholds(benign_scores, target_fpr, scope)
-    benign_fired = held_out_fired(benign_scores, target_fpr, scope)
+    calibration = benign_scores
+    if fit_folds > 0:
+        folded = out_of_fold_scores(harmful_fit, benign_fit, fit_folds, method, shrinkage)
+        calibration = torch.cat([folded, benign_scores])
+    dev_rows = slice(calibration.shape[0] - benign_scores.shape[0], None)
+    thresholds = calibrate_thresholds(calibration, target_fpr, scope)
+    benign_fired = held_out_fired(calibration, target_fpr, scope, rows=dev_rows)
     questions_any: float | None = None
     if questions_dev is not None and questions_dev.shape[0] > 0:
         question_scores = scores(questions_dev)
         question_thresholds = calibrate_thresholds(question_scores, target_fpr, scope)
         question_fired = held_out_fired(question_scores, target_fpr, scope, floor=thresholds)
         questions_any = float(question_fired.any(dim=1).double().mean())
-        benign_fired = held_out_fired(benign_scores, target_fpr, scope, floor=question_thresholds)
+        benign_fired = held_out_fired(
+            calibration, target_fpr, scope, floor=question_thresholds, rows=dev_rows
+        )
         thresholds = torch.maximum(thresholds, question_thresholds)
     entries: dict[str, CategoryGate] = {}
     aucs: dict[str, float] = {}
@@ -611,21 +659,23 @@ def held_out_fired(
     target_fpr: float,
     scope: str,
     floor: torch.Tensor | None = None,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """`[prompts, categories]` fired, each prompt judged by thresholds calibrated on the others.
+    """`[prompts, categories]` fired for `rows` of `benign_scores`, each prompt judged by
+    thresholds calibrated on all the others.
 
     The calibration set's own FPR is at most the target by construction; this leave-one-out
     rate is the honest estimate of the FPR on unseen benign prompts. `floor` (`[categories]`)
     raises the thresholds where another calibration set asks for higher ones.
     """
-    count = benign_scores.shape[0]
-    fired = torch.zeros_like(benign_scores, dtype=torch.bool)
-    for index in range(count):
+    indices = range(benign_scores.shape[0])[rows]
+    fired = torch.zeros(len(indices), benign_scores.shape[1], dtype=torch.bool)
+    for slot, index in enumerate(indices):
         others = torch.cat([benign_scores[:index], benign_scores[index + 1 :]])
         thresholds = calibrate_thresholds(others, target_fpr, scope)
         if floor is not None:
             thresholds = torch.maximum(thresholds, floor)
-        fired[index] = benign_scores[index] > thresholds
+        fired[slot] = benign_scores[index] > thresholds
     return fired
 
 

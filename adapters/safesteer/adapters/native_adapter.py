@@ -4,12 +4,16 @@ Condition (d) of the transfer table: what `safesteer build-adapter` makes on the
 itself when it takes the family adapter's choices instead of searching for its own. From the
 family adapter's recipe: the refusal teacher-forced on every fit prompt and the extraction caps;
 the steering layers with their scales and the strength, so `build.gated_coefficients` applies
-the same coefficient rule; the gate's detection layer, pooling, probe method and target FPR;
-the merge scheme; whether the gate was also calibrated on benchmark questions. On the
-fine-tune: contrastive directions from the fit split (`extract.extract_directions`, as `build`
-does) and the gate's probes, fitted and calibrated on its own activations
-(`build.fit_gate_candidates` restricted to the family's layer and pooling). No layer, gate or
-strength search: those choices are the family's.
+the same coefficient rule; the gate's detection layer, pooling, probe method, target FPR and
+calibration folds; the merge scheme; whether the gate was also calibrated on benchmark
+questions. On the fine-tune: contrastive directions from the fit split
+(`extract.extract_directions`, as `build` does) and the gate's probes, fitted and calibrated on
+its own activations (`build.fit_gate_candidates` restricted to the family's layer and
+pooling). No layer, gate or strength search: those choices are the family's.
+
+The same recipe, moved to the same relative depth (`FamilyRecipe.moved`), extracts another
+model family's native counterpart of an adapter: the reference the transport suite compares a
+transported adapter with.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from safesteer.adapters.build import (
 from safesteer.adapters.extract import ExtractionConfig, extract_directions
 from safesteer.adapters.gating import FittedGate
 from safesteer.adapters.loading import LoadedModel
+from safesteer.adapters.transport import corresponding_layer
 
 NO_SEARCH = (
     "no layer, gate or strength search: the family adapter's steering layers, scales, "
-    "strength, detection layer, pooling, probe method and target FPR, held fixed"
+    "strength, detection layer, pooling, probe method, target FPR and calibration folds, "
+    "held fixed"
 )
 
 
@@ -48,6 +54,7 @@ class FamilyRecipe:
     pooling: str
     gate_method: str
     target_fpr: float
+    calibration_folds: int  # benign fit prompts scored out of fold in the calibration (0: none)
     refusal: str | None  # None: the data sets' reference refusals
     max_prompts_per_category: int | None
     max_response_tokens: int
@@ -79,6 +86,7 @@ class FamilyRecipe:
             pooling=summary.detection_pooling,
             gate_method=str(selection.get("method", "lda")),
             target_fpr=float(selection.get("target_fpr", BuildConfig.target_fpr)),
+            calibration_folds=int(selection.get("calibration_folds", 0)),
             refusal=refusal.get("text") if isinstance(refusal, Mapping) else None,
             max_prompts_per_category=recipe.get("max_prompts_per_category"),
             max_response_tokens=int(recipe.get("max_response_tokens", 32)),
@@ -90,6 +98,18 @@ class FamilyRecipe:
             split_digests=dict(splits.get("digests", {})),
         )
 
+    def moved(self, source_layers: int, target_layers: int) -> FamilyRecipe:
+        """The recipe with its steering and detection layers at the same relative depth of a
+        model with `target_layers` layers (`transport.corresponding_layer`)."""
+
+        def move(layer: int) -> int:
+            return corresponding_layer(layer, source_layers, target_layers)
+
+        scales = {move(layer): scale for layer, scale in self.scales.items()}
+        if len(scales) != len(self.scales):
+            raise ValueError(f"two steering layers land on one of {target_layers} layers")
+        return replace(self, scales=scales, detection_layer=move(self.detection_layer))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "layers": {str(layer): scale for layer, scale in sorted(self.scales.items())},
@@ -98,6 +118,7 @@ class FamilyRecipe:
             "pooling": self.pooling,
             "gate_method": self.gate_method,
             "target_fpr": self.target_fpr,
+            "calibration_folds": self.calibration_folds,
             "refusal": self.refusal,
             "max_prompts_per_category": self.max_prompts_per_category,
             "max_response_tokens": self.max_response_tokens,
@@ -135,17 +156,25 @@ def native_adapter(
     batch_size: int = 32,
     show_progress: bool = True,
     progress: Callable[[str], None] | None = None,
+    recipe: FamilyRecipe | None = None,
 ) -> NativeAdapter:
     """Extract `family`'s recipe on `loaded` (see module doc); `data` defaults to the project's
     fit and dev splits.
 
+    `recipe` replaces `family`'s own, e.g. `FamilyRecipe.of(family).moved(...)` to extract
+    another model family's equivalent of `family`; `family` then need not fit `loaded`.
+
     Raises:
-        ValueError: `family` is not a gated build-adapter adapter, or the data lack a category.
-        AdapterMismatch: `family` does not fit the model's family.
+        ValueError: `family` is not a gated build-adapter adapter, the data lack a category,
+            or `recipe` names a layer `loaded` does not have.
+        AdapterMismatch: `family` does not fit the model's family (without `recipe`).
     """
     started = time.perf_counter()
-    family.check_fits(loaded.family)
-    recipe = FamilyRecipe.of(family)
+    if recipe is None:
+        family.check_fits(loaded.family)
+        recipe = FamilyRecipe.of(family)
+    elif max(*recipe.scales, recipe.detection_layer) >= loaded.family.num_layers:
+        raise ValueError(f"the recipe's layers do not fit {loaded.family.num_layers} layers")
     data = _family_data(data if data is not None else project_data(), family, recipe)
     say = progress if progress is not None else (lambda _message: None)
     layers = tuple(sorted(recipe.scales))
@@ -175,6 +204,7 @@ def native_adapter(
         poolings=(recipe.pooling,),
         gate_method=recipe.gate_method,
         target_fpr=recipe.target_fpr,
+        calibration_folds=recipe.calibration_folds,
         fit_questions=recipe.fit_questions,
         merge=recipe.merge,
         batch_size=batch_size,
