@@ -11,7 +11,8 @@ discriminant analysis with a shrunk covariance, `diffmean` the plain difference 
 covariance pooled over every category and the benign prompts, and each category's harmful
 mean drawn halfway (`POOLED_SHARE`) towards the mean of all harmful prompts. All are scaled
 so the (drawn) harmful mean scores +1 and the benign mean -1. Thresholds are calibrated on
-benign dev prompts to a target false-positive rate, either per category (`scope="category"`)
+benign dev prompts (and, with `fit_folds`, the benign fit prompts scored by probes fitted
+without them) to a target false-positive rate, either per category (`scope="category"`)
 or for the union (`scope="any"`: a benign prompt on which *any* category fires counts once,
 which is what over-refusal measures).
 
