@@ -21,7 +21,7 @@ from safesteer.adapters.evaluation.transport_suite import (
 )
 from safesteer.adapters.evaluation.transport_table import render_transport
 from safesteer.adapters.loading import LoadedModel
-from safesteer.adapters.native_adapter import FamilyRecipe
+from safesteer.adapters.native_adapter import FamilyRecipe, native_adapter
 from safesteer.adapters.transport import corresponding_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,3 +138,14 @@ def test_the_command_writes_results_report_and_loadable_adapters(
     (out / "report.md").unlink()
     assert transport_table.main(["--target-model", "b", "--out", str(out), "--render"]) == 0
     assert (out / "report.md").read_text() == report == render_transport(document)
+
+
+def test_a_recipe_that_is_not_moved_to_the_other_family_is_refused(
+    models: tuple[LoadedModel, LoadedModel, SafetyAdapter],
+) -> None:
+    llama, qwen, family = models
+    unmoved = FamilyRecipe.of(family)  # steering layer 3: Qwen has layers 0..2
+    with pytest.raises(ValueError, match="do not fit 3 layers"):
+        native_adapter(qwen, family, tiny_data(), recipe=unmoved, show_progress=False)
+    moved = unmoved.moved(llama.family.num_layers, qwen.family.num_layers)
+    assert (sorted(moved.scales), moved.detection_layer) == ([2], 0)
