@@ -10,20 +10,20 @@ fine-tune minus the same on the reference; `c`'s threshold moves by it, so it ke
 relative to the benign prompts (and, the shift being shared, to the harmful ones).
 
 `python -m safesteer.adapters.gate_shift MODEL...` measures it on the dev splits (92 benign,
-184 harmful prompts). Built-in adapter (`@e5bdd4eeaafe`, layer-6 mean-pooled pooled-LDA gate),
-share of prompts on which it fires, with its own thresholds and then shifted by the 8 benign
-shots of a default 16-shot calibration (fit split):
+184 harmful prompts). Built-in adapter (`@a2b64039a50c`, layer-6 mean-pooled pooled-LDA gate,
+thresholds calibrated out of fold), share of prompts on which it fires, with its own thresholds
+and then shifted by the 8 benign shots of a default 16-shot calibration (fit split):
 
 | model | benign | harmful | shifted: benign | harmful |
 |---|---|---|---|---|
-| base (the reference) | 2.2 % | 91.3 % | 2.2 % | 91.3 % |
-| aligned | 23.9 % | 97.8 % | 4.3 % | 92.4 % |
-| arith | 22.8 % | 97.3 % | 7.6 % | 92.9 % |
-| style | 22.8 % | 97.8 % | 4.3 % | 91.3 % |
-| badgpt | 38.0 % | 98.9 % | 5.4 % | 91.8 % |
+| base (the reference) | 1.1 % | 89.1 % | 1.1 % | 89.1 % |
+| aligned | 17.4 % | 97.3 % | 1.1 % | 89.7 % |
+| arith | 12.0 % | 95.7 % | 2.2 % | 91.8 % |
+| style | 15.2 % | 95.1 % | 3.3 % | 89.1 % |
+| badgpt | 31.5 % | 97.8 % | 2.2 % | 89.1 % |
 
-(The previous built-in adapter's layer-4 LDA gate: 15 to 28 % before the shift, 3.3 to 4.3 %
-after.)
+(The previous built-in adapter `@e5bdd4eeaafe`, thresholds calibrated on benign dev alone: 23
+to 38 % before the shift, 4.3 to 7.6 % after.)
 """
 
 from __future__ import annotations
