@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,14 +86,7 @@ class TransportSuiteSettings:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "limit": self.limit,
-            "seed": self.seed,
-            "max_new_tokens": self.max_new_tokens,
-            "batch_size": self.batch_size,
-            "native_prompts_per_category": self.native_prompts_per_category,
-            "judge": self.judge,
-        }
+        return {k: v for k, v in asdict(self).items() if k != "show_progress"}
 
 
 def _sets(settings: TransportSuiteSettings) -> TransferSets:
