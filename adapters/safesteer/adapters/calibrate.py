@@ -37,8 +37,8 @@ that restores the reference. Passes for one layer share every decoder layer belo
 `PrefixReplay` computes once.
 
 **Gate.** A fine-tune also moves the activations a gate reads, so thresholds calibrated on the
-reference fire far above their target on its benign prompts (`gate_shift`: 2 % of the
-benign dev prompts on the base, 23 to 38 % on the zoo's fine-tunes). With `gate="shift"`
+reference fire far above their target on its benign prompts (`gate_shift`: 1.1 % of the
+benign dev prompts on the base, 12 to 32 % on the zoo's fine-tunes). With `gate="shift"`
 (the default) each category's threshold moves by the mean probe-score shift of the benign
 shots between the reference and the fine-tune; `gate="keep"` leaves the thresholds as they
 are.
