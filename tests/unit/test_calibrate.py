@@ -38,6 +38,7 @@ from safesteer.adapters.calibrate import (
     calibrated_adapter,
     choose_multiplier,
     objective,
+    refusal_opening,
     select_shots,
 )
 from safesteer.adapters.categories import CATEGORIES
@@ -147,6 +148,38 @@ def _config(**overrides: Any) -> CalibrationConfig:
     return CalibrationConfig(**options)
 
 
+@pytest.mark.parametrize(
+    ("refusal", "opening"),
+    [
+        (DEFAULT_REFUSAL, "I'm sorry"),
+        ("I cannot help. Ask someone else.", "I cannot help"),
+        ("No way", "No way"),
+        (", odd.", ", odd."),
+    ],
+)
+def test_the_opening_is_the_refusal_up_to_its_first_comma_or_full_stop(
+    refusal: str, opening: str
+) -> None:
+    assert refusal_opening(refusal) == opening
+
+
+def test_only_the_opening_is_scored_unless_the_whole_sentence_is_asked_for(
+    family: dict[str, Any],
+) -> None:
+    adapter, base, degraded = family["adapter"], family["base"], family["degraded"]
+    tokens = {}
+    scores = {}
+    for span in ("opening", "whole"):
+        result = calibrate(adapter, degraded, base, _config(refusal_span=span))
+        record = result.adapter.metadata.recipe["calibration"]["refusal"]
+        assert record["span"] == span
+        tokens[span] = record["tokens"]
+        scores[span] = result.as_is.score
+    opening = base.tokenizer("I'm sorry", add_special_tokens=False)["input_ids"]
+    assert tokens["opening"] == len(opening) < tokens["whole"]
+    assert scores["opening"] != scores["whole"]
+
+
 # ----- the rule ---------------------------------------------------------------------------------
 def test_the_objective_is_zero_when_the_reference_is_restored() -> None:
     reference = RefusalScore(harmful=-2.0, benign=-4.0)
@@ -177,6 +210,7 @@ def test_the_smallest_multiplier_within_tolerance_of_the_best_is_chosen() -> Non
         ({"split": "test"}, "unknown split"),
         ({"reference_mode": "aligned"}, "unknown reference mode"),
         ({"refusal": "  "}, "refusal text is empty"),
+        ({"refusal_span": "first"}, "unknown refusal span"),
     ],
 )
 def test_bad_settings_are_refused(overrides: dict[str, Any], message: str) -> None:

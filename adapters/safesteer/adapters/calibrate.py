@@ -13,11 +13,18 @@ coefficients would be fitted to single prompts; one multiplier per layer, shared
 categories, is what 16 shots can pin down (the categories' vectors share most of their
 direction anyway).
 
-**Score.** For each shot, the mean per-token log-probability of a plain refusal (the adapter
-recipe's refusal text, else `DEFAULT_REFUSAL`) teacher-forced after the chat prompt, with
-every row steered by the adapter's default mix (its merge scheme; gates are not evaluated:
-this is the behaviour *given* that steering is on). `H` is the mean over harmful shots, `B`
-over benign shots. One forward pass over the shots gives both; no generation.
+**Score.** For each shot, the mean per-token log-probability of a plain refusal's opening
+clause (the adapter recipe's refusal text, else `DEFAULT_REFUSAL`, up to its first comma or
+full stop: "I'm sorry") teacher-forced after the chat prompt, with every row steered by the
+adapter's default mix (its merge scheme; gates are not evaluated: this is the behaviour *given*
+that steering is on). `H` is the mean over harmful shots, `B` over benign shots. One forward
+pass over the shots gives both; no generation. The opening is where the model decides; the
+rest of the sentence follows from it and, averaged in, hides the decision: the zoo's BadGPT
+fine-tune, steered by the built-in adapter, gives the whole sentence a *higher* mean
+log-probability than the base does (-0.88 against -1.18 nats per token on the harmful shots),
+so the whole-sentence score asked for the weakest steering (x0.5, nothing refused in the
+transfer table), while its opening is far less likely than on the base (-2.06 against -0.51).
+`refusal_span="whole"` scores the whole sentence.
 
 **Objective.** With `H*`, `B*` the reference's scores (steered by the adapter as is, or,
 `reference_mode="plain"`, unsteered: "refuse like the aligned model does"),
@@ -83,12 +90,15 @@ DEFAULT_SHOTS = 16
 # The sentence `safesteer build-adapter` teacher-forces (build.CANONICAL_REFUSAL).
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 REFERENCE_MODES: tuple[str, ...] = ("steered", "plain")
+# How much of the refusal is scored: its opening clause (up to the first comma or full stop),
+# where the model decides to refuse, or the whole sentence.
+REFUSAL_SPANS: tuple[str, ...] = ("opening", "whole")
 GATE_RULES: tuple[str, ...] = ("shift", "keep")
 SPLITS: tuple[str, ...] = ("fit", "dev")
 OBJECTIVE = (
     "-(max(0, H_ref - H(m)) + max(0, B(m) - B_ref)); H, B: mean over harmful / benign shots of "
-    "the refusal's mean per-token log-probability, teacher-forced after the chat prompt, every "
-    "row steered by the adapter's default mix with per-layer multipliers m"
+    "the refusal's (refusal.span) mean per-token log-probability, teacher-forced after the chat "
+    "prompt, every row steered by the adapter's default mix with per-layer multipliers m"
 )
 RULE = (
     "coordinate-wise over the grid, steering layers in increasing order, others held; per "
@@ -107,6 +117,7 @@ class CalibrationConfig:
     split_seed: int = DEFAULT_SEED
     refusal: str | None = None  # None: the adapter recipe's refusal text, else DEFAULT_REFUSAL
     reference_mode: str = "steered"
+    refusal_span: str = "opening"  # one of REFUSAL_SPANS
     gate: str = "shift"  # one of GATE_RULES
     sweeps: int = 1
     max_prompt_tokens: int = 128
@@ -128,6 +139,8 @@ class CalibrationConfig:
             raise ValueError(
                 f"unknown reference mode {self.reference_mode!r}; known: {REFERENCE_MODES}"
             )
+        if self.refusal_span not in REFUSAL_SPANS:
+            raise ValueError(f"unknown refusal span {self.refusal_span!r}; known: {REFUSAL_SPANS}")
         if self.gate not in GATE_RULES:
             raise ValueError(f"unknown gate rule {self.gate!r}; known: {GATE_RULES}")
         if self.sweeps < 1 or self.batch_size < 1 or self.max_prompt_tokens < 1:
@@ -388,6 +401,16 @@ def refusal_text(adapter: SafetyAdapter, override: str | None = None) -> str:
     return text if isinstance(text, str) and text.strip() else DEFAULT_REFUSAL
 
 
+def refusal_opening(refusal: str) -> str:
+    """The refusal up to its first comma or full stop (all of it when it has neither).
+
+    >>> refusal_opening("I'm sorry, but I can't help with that.")
+    "I'm sorry"
+    """
+    opening = re.split(r"[,.]", refusal.strip(), maxsplit=1)[0].strip()
+    return opening or refusal.strip()
+
+
 def calibration_shots(
     loaded: LoadedModel,
     adapter: SafetyAdapter,
@@ -428,6 +451,8 @@ def calibrate(
     torch.manual_seed(config.seed)
     shots = calibration_shots(loaded, adapter, config, harmful, benign)
     refusal = refusal_text(adapter, config.refusal)
+    if config.refusal_span == "opening":
+        refusal = refusal_opening(refusal)
     refusal_ids = list(loaded.tokenizer(refusal, add_special_tokens=False)["input_ids"])
     batches = _encode(loaded.tokenizer, shots, refusal_ids, config.batch_size)
     if reference is not loaded:
@@ -629,7 +654,7 @@ def _calibration_recipe(
         },
         "objective": OBJECTIVE,
         "rule": RULE,
-        "refusal": {"text": refusal, "tokens": refusal_tokens},
+        "refusal": {"text": refusal, "tokens": refusal_tokens, "span": config.refusal_span},
         "steering": f"always on, default category weights, merge '{scheme}', gates not used",
         "shots": {
             "count": len(shots),

@@ -17,6 +17,7 @@ from safesteer.adapters.calibrate import (
     DEFAULT_SHOTS,
     GATE_RULES,
     REFERENCE_MODES,
+    REFUSAL_SPANS,
     SPLITS,
     CalibrationConfig,
     CalibrationResult,
@@ -32,7 +33,8 @@ DESCRIPTION = (
     "keep the adapter's vectors (bit for bit) and choose one multiplier per steering layer "
     "from a grid, so that the fine-tune, steered, refuses the harmful shots at least as "
     "readily as the reference model does and the benign shots at most as readily (mean "
-    "per-token log-probability of a teacher-forced refusal, one forward pass per grid point). "
+    "per-token log-probability of a teacher-forced refusal's opening clause, one forward pass "
+    "per grid point). "
     "Shots: at most --shots fit-split prompts, seeded, half harmful over the adapter's "
     "categories, half benign (edgy and plain). The reference is the model the adapter was "
     "made for (its recipe's model), steered by the adapter as is; --reference-mode plain "
@@ -115,6 +117,13 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_REFUSAL!r})",
     )
     add(
+        "--refusal-span",
+        choices=REFUSAL_SPANS,
+        default="opening",
+        help="score the refusal's opening clause, up to its first comma or full stop, where "
+        "the model decides (default), or the whole sentence",
+    )
+    add(
         "--sweeps",
         type=int,
         default=1,
@@ -153,6 +162,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     parts += ["--grid", ",".join(f"{g:g}" for g in args.grid), "--seed", str(args.seed)]
     parts += ["--split", args.split, "--sweeps", str(args.sweeps)]
     parts += ["--refusal", args.refusal] if args.refusal is not None else []
+    parts += ["--refusal-span", args.refusal_span]
     parts += ["--max-prompt-tokens", str(args.max_prompt_tokens)]
     parts += ["--batch-size", str(args.batch_size)]
     parts += ["--name", args.name] if args.name is not None else []
@@ -167,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         seed=args.seed,
         split=args.split,
         refusal=args.refusal,
+        refusal_span=args.refusal_span,
         reference_mode=args.reference_mode,
         gate=args.gate,
         sweeps=args.sweeps,

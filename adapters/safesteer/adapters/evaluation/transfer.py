@@ -112,6 +112,7 @@ def _condition_adapters(
             "id": calibration.adapter.id,
             "multipliers": {str(la): m for la, m in sorted(calibration.multipliers.items())},
             "shots": len(calibration.shots),
+            "refusal_scored": calibration.adapter.metadata.recipe["calibration"]["refusal"],
             "objective_as_is": round(calibration.as_is.objective, 6),
             "objective_calibrated": round(calibration.calibrated.objective, 6),
             "seconds": round(calibration.seconds, 1),
