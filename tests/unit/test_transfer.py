@@ -124,6 +124,15 @@ def test_the_native_adapter_keeps_the_family_recipe_on_the_finetune(world: dict[
     assert record["held_fixed"] == recipe.to_json()
     assert "no layer, gate or strength search" in record["search"]
     assert native.same_splits and record["splits"]["same_as_family"]
+    # A native adapter is a family adapter too: its recipe is the one it held fixed.
+    assert FamilyRecipe.of(adapter) == recipe
+    broken = {**record, "held_fixed": {**record["held_fixed"], "strength": None}}
+    malformed = replace(
+        adapter,
+        metadata=replace(adapter.metadata, recipe={**adapter.metadata.recipe, "native": broken}),
+    )
+    with pytest.raises(ValueError, match="malformed family recipe"):
+        FamilyRecipe.of(malformed)
 
 
 def test_the_native_adapter_refuses_an_adapter_without_a_build_recipe(

@@ -67,15 +67,19 @@ class FamilyRecipe:
 
     @classmethod
     def of(cls, adapter: SafetyAdapter) -> FamilyRecipe:
-        """The recipe of a gated adapter made by `safesteer build-adapter`.
+        """The recipe of a gated adapter made by `safesteer build-adapter`, or the one a native
+        adapter held fixed (its recipe's `native.held_fixed`).
 
         Raises:
-            ValueError: the adapter has no gate or no build-adapter recipe.
+            ValueError: the adapter has no gate, or neither recipe.
         """
         if adapter.metadata.gate is None:
             raise ValueError(f"adapter {adapter.id} has no gate: the transfer suite needs one")
-        summary = BuildSummary.from_adapter(adapter)
         recipe = adapter.metadata.recipe
+        native = recipe.get("native")
+        if "build" not in recipe and isinstance(native, Mapping) and "held_fixed" in native:
+            return cls.from_json(native["held_fixed"], native.get("splits", {}).get("digests", {}))
+        summary = BuildSummary.from_adapter(adapter)
         selection = recipe.get("gate_selection", {})
         refusal = recipe.get("refusal", {})
         splits = recipe.get("splits", {})
@@ -97,6 +101,35 @@ class FamilyRecipe:
             questions=bool(splits.get("questions_dev")),
             split_digests=dict(splits.get("digests", {})),
         )
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], split_digests: Mapping[str, str]) -> FamilyRecipe:
+        """The recipe `to_json` wrote.
+
+        Raises:
+            ValueError: a field is missing or malformed.
+        """
+        try:
+            return cls(
+                scales={int(layer): float(scale) for layer, scale in raw["layers"].items()},
+                strength=float(raw["strength"]),
+                detection_layer=int(raw["detection_layer"]),
+                pooling=str(raw["pooling"]),
+                gate_method=str(raw["gate_method"]),
+                target_fpr=float(raw["target_fpr"]),
+                calibration_folds=int(raw["calibration_folds"]),
+                refusal=raw["refusal"],
+                max_prompts_per_category=raw["max_prompts_per_category"],
+                max_response_tokens=int(raw["max_response_tokens"]),
+                compliance_tokens=int(raw["compliance_tokens"]),
+                seed=int(raw["seed"]),
+                merge=str(raw["merge"]),
+                fit_questions=int(raw["fit_questions"]),
+                questions=bool(raw["gate_calibrated_on_questions"]),
+                split_digests=dict(split_digests),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"malformed family recipe: {exc!r}") from exc
 
     def moved(self, source_layers: int, target_layers: int) -> FamilyRecipe:
         """The recipe with its steering and detection layers at the same relative depth of a
