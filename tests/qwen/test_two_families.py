@@ -4,7 +4,7 @@ swapping one family's adapter leaves the other family's greedy output byte-ident
 adapter of one family is refused for the other with a 400 naming both, and nothing changes.
 
 The Qwen adapters are random unit vectors at one middle layer: valid adapters of the family,
-not safety directions (the family has no built-in adapter yet).
+not safety directions (the family's built-in adapter is not what these checks are about).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from safesteer.adapters.build import build
 from safesteer.adapters.evaluation import safegene_table
 from safesteer.adapters.evaluation.safegene_suite import (
     ROWS,
+    STEERED_ROWS,
     SafeGeneSettings,
     family_adapter,
     run_safegene_suite,
@@ -107,6 +108,17 @@ def test_the_family_adapter_is_the_aligned_gap_behind_the_donors_gate(
     assert adapter.categories == donor.categories
     for category in adapter.categories:
         assert torch.equal(adapter.vectors[category][layer], gap.vectors[category][layer])
+    # Scaled by the donor's rule: each category alone adds the donor's push, not a share of
+    # it (extract's rule scales the all-categories mix, which the gate never asks for).
+    typical = adapter.metadata.recipe["typical_norm"][str(layer)]
+    for category in adapter.categories:
+        added = adapter.coefficients[category][layer] * adapter.vectors[category][layer].norm()
+        assert float(added) == pytest.approx(push * typical, rel=1e-3)
+    assert sum(gap.coefficients[c][layer] for c in gap.categories) < sum(
+        adapter.coefficients[c][layer] for c in adapter.categories
+    )
+    assert adapter.metadata.recipe["coefficient_rule"] == donor.metadata.recipe["coefficient_rule"]
+    assert "mix_norm_ratio" not in adapter.metadata.recipe
     # Not the donor's directions: what the fine-tune lost.
     category = adapter.categories[0]
     assert not torch.allclose(
@@ -121,7 +133,7 @@ def test_the_family_adapter_is_the_aligned_gap_behind_the_donors_gate(
     assert record["push"] == pytest.approx(push) and record["gate_from"] == donor.id
 
 
-def test_the_suite_measures_four_rows_and_restores_against_the_aligned_model(
+def test_the_suite_measures_six_rows_and_restores_against_the_aligned_model(
     world: dict[str, Any], single_torch_thread: None
 ) -> None:
     aligned, degraded, donor = world["aligned"], world["degraded"], world["donor"]
@@ -136,31 +148,38 @@ def test_the_suite_measures_four_rows_and_restores_against_the_aligned_model(
     for name in ("aligned", "degraded"):
         assert rows[name]["steered"] == {"harmful": 0, "benign": 0, "arith": 0}
     assert document["aligned"]["fingerprint"] == aligned.fingerprint != degraded.fingerprint
-    # Recalibration keeps the vectors and the gate's probes, and records the fine-tune.
-    family, recalibrated = result.family, result.recalibrated
-    assert recalibrated.metadata.base_fingerprint == degraded.fingerprint
-    for category in family.categories:
-        for layer in family.layers:
-            assert torch.equal(
-                recalibrated.vectors[category][layer], family.vectors[category][layer]
-            )
-    assert recalibrated.metadata.recipe["calibration"]["reference"]["mode"] == "plain"
-    multipliers = document["recalibrated_adapter"]["multipliers"]
-    assert set(multipliers) == {str(la) for la in family.layers}
+    # Recalibration keeps the vectors, of the family adapter and of the donor alike, and
+    # records the fine-tune.
+    made = result.adapters
+    assert set(made) == {"family", "recalibrated", "donor-recalibrated"}
+    for source, name in ((made["family"], "recalibrated"), (donor, "donor-recalibrated")):
+        recalibrated = made[name]
+        assert recalibrated.metadata.base_fingerprint == degraded.fingerprint
+        for category in source.categories:
+            for layer in source.layers:
+                assert torch.equal(
+                    recalibrated.vectors[category][layer], source.vectors[category][layer]
+                )
+        assert recalibrated.metadata.recipe["calibration"]["reference"]["mode"] == "plain"
+        record = document[name.replace("-", "_") + "_adapter"]
+        assert record["id"] == recalibrated.id
+        assert set(record["multipliers"]) == {str(la) for la in source.layers}
+    assert document["donor"]["id"] == donor.id
     # The targets follow from the rows.
     targets = document["targets"]
     lost = rows["aligned"]["harmful_refusal"] - rows["degraded"]["harmful_refusal"]
     assert targets["refusal_lost"] == pytest.approx(lost, abs=1e-4)
-    row = rows["degraded + recalibrated"]
-    gained = compliance_reduction(rows["degraded"]["harmful_refusal"], row["harmful_refusal"])
-    restored = targets["degraded + recalibrated"]["restored"]
-    assert restored is None if lost <= 0 else restored == pytest.approx(gained / lost, abs=1e-4)
-    skill = 100 * (row["task"]["score"] - rows["degraded"]["task"]["score"])
-    assert targets["degraded + recalibrated"]["skill_points"] == pytest.approx(skill, abs=0.01)
+    for name in STEERED_ROWS:
+        row = rows[name]
+        gained = compliance_reduction(rows["degraded"]["harmful_refusal"], row["harmful_refusal"])
+        restored = targets[name]["restored"]
+        assert restored is None if lost <= 0 else restored == pytest.approx(gained / lost, abs=1e-4)
+        skill = 100 * (row["task"]["score"] - rows["degraded"]["task"]["score"])
+        assert targets[name]["skill_points"] == pytest.approx(skill, abs=0.01)
     report = render_safegene({**document, "command": "cmd"})
     for name, _, _ in ROWS:
         assert f"| {name} |" in report
-    assert any("recalibrated in" in line for line in lines)
+    assert any(line.startswith("donor-recalibrated in") for line in lines)
 
 
 def test_a_donor_without_a_gate_is_refused(world: dict[str, Any]) -> None:
@@ -211,6 +230,8 @@ def test_the_command_writes_results_report_and_loadable_adapters(
     recalibrated = SafetyAdapter.load(out / "recalibrated.safetensors")
     assert family.id == document["family_adapter"]["id"]
     assert recalibrated.id == document["recalibrated_adapter"]["id"]
+    donor_recalibrated = SafetyAdapter.load(out / "donor-recalibrated.safetensors")
+    assert donor_recalibrated.id == document["donor_recalibrated_adapter"]["id"]
     family.check_fits(world["degraded"].family)
     report = (out / "report.md").read_text()
     (out / "report.md").unlink()

@@ -1,6 +1,6 @@
 """`python -m safesteer.adapters.evaluation.safegene_table`: run the SafeGene suite on one zoo
-fine-tune, write its results.json, report.md and the two adapters (`safegene_suite` says what is
-measured)."""
+fine-tune, write its results.json, report.md and the three adapters it made (`safegene_suite`
+says what is measured)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from safesteer.adapters.evaluation.safegene_suite import (
     RESTORED_TARGET,
     ROWS,
     SKILL_POINTS_TARGET,
+    STEERED_ROWS,
     SafeGeneSettings,
     run_safegene_suite,
 )
@@ -32,7 +33,11 @@ DEFAULT_SPEC = Path("adapters/qwen2.5-0.5b/zoo/zoo.toml")
 DEFAULT_DONOR = Path("adapters/qwen2.5-0.5b/transport/forward-native.safetensors")
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
-ADAPTER_FILES = {"family": "family.safetensors", "recalibrated": "recalibrated.safetensors"}
+ADAPTER_FILES = {
+    "family": "family.safetensors",
+    "recalibrated": "recalibrated.safetensors",
+    "donor-recalibrated": "donor-recalibrated.safetensors",
+}
 
 
 def _pct(value: float | None) -> str:
@@ -52,7 +57,7 @@ def _target_lines(targets: Mapping[str, Any]) -> list[str]:
         f"{SKILL_POINTS_TARGET:g} points) |",
         "|---|---|---|---|",
     ]
-    for name in ("degraded + family", "degraded + recalibrated"):
+    for name in STEERED_ROWS:
         row = targets[name]
         lines.append(
             f"| {name} | {_pct(row['restored'])} ({_verdict(row['restored_met'])}) | "
@@ -62,6 +67,10 @@ def _target_lines(targets: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _multipliers(calibration: Mapping[str, Any]) -> str:
+    return ", ".join(f"layer {la} x{m:g}" for la, m in calibration["multipliers"].items())
+
+
 def render_safegene(document: Mapping[str, Any]) -> str:
     """The Markdown report of a SafeGene suite's results document."""
     settings = document["settings"]
@@ -69,11 +78,10 @@ def render_safegene(document: Mapping[str, Any]) -> str:
     task = document["targets"]["task"]
     family = document["family_adapter"]
     recal = document["recalibrated_adapter"]
+    donor_recal = document["donor_recalibrated_adapter"]
     rows = document["rows"]
-    multipliers = ", ".join(f"layer {la} x{m:g}" for la, m in recal["multipliers"].items())
     lines = [
-        "# SafeGene table: a benign fine-tune erodes native alignment; aligned-gap vectors "
-        "restore it",
+        "# SafeGene table: a benign fine-tune erodes native alignment; steering to restore it",
         "",
         f"Aligned model `{document['aligned']['source']}`; degraded fine-tune "
         f"`{document['degraded']['source']}` (fingerprint "
@@ -88,8 +96,13 @@ def render_safegene(document: Mapping[str, Any]) -> str:
         )
         + f") at layers {family['layers']} with push {family['push']:g} of the typical residual "
         f"norm, behind the gate of `{family['gate_from']}`. Recalibrated adapter "
-        f"`{recal['id']}`: {recal['shots']} shots against {recal['reference']}, {multipliers} "
-        f"({recal['seconds']:.1f} s).",
+        f"`{recal['id']}`: {recal['shots']} shots against {recal['reference']}, "
+        f"{_multipliers(recal)} ({recal['seconds']:.1f} s).",
+        "",
+        f"Donor `{document['donor']['id']}`: {document['donor']['role']} (its own directions and "
+        f"gate). Donor recalibrated `{donor_recal['id']}`: {donor_recal['shots']} shots against "
+        f"{donor_recal['reference']}, {_multipliers(donor_recal)} "
+        f"({donor_recal['seconds']:.1f} s).",
         "",
         f"Seeded subsets of the test splits ({limit} harmful, {limit} benign prompts, seed "
         f"{settings['seed']}) and of the `{task}` eval set ({limit} prompts), greedy, "
@@ -123,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "minus it) at the gate donor's layers and push, put them behind the donor's gate, "
         "recalibrate them on the fine-tune with a few shots against the unsteered parent, and "
         "measure harmful refusal, over-refusal and task skill for the parent, the fine-tune, "
-        "and the fine-tune with each adapter. Writes results.json, report.md and both adapters.",
+        "and the fine-tune with each adapter, the donor as is and recalibrated included. Writes "
+        "results.json, report.md and the three adapters it made.",
     )
     add = parser.add_argument
     add("--spec", type=Path, default=DEFAULT_SPEC, help=f"zoo spec (default {DEFAULT_SPEC})")
@@ -198,9 +212,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     document = result.document
-    made = {"family": result.family, "recalibrated": result.recalibrated}
     document["adapter_files"] = {
-        name: made[name].save(args.out / file).name for name, file in ADAPTER_FILES.items()
+        name: result.adapters[name].save(args.out / file).name
+        for name, file in ADAPTER_FILES.items()
     }
     (args.out / RESULTS_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return document
